@@ -1,0 +1,1 @@
+"""Silogate: a privacy-preserving data-sharing gateway (package ``gateway``)."""
