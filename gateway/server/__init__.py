@@ -1,0 +1,1 @@
+"""The gateway server: query servicer, planning, merging, error mapping and process lifecycle."""

@@ -1,0 +1,75 @@
+"""Plans a permitted query: noise per measure, per-query caps, charges per budget scope.
+
+Pure computation on (bundle, decision, query); used both by RunQuery and ExplainQuery so that a
+preview always matches what a run would charge.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from fractions import Fraction
+
+from gateway.errors import PolicyDenied
+from gateway.policy.decision import BudgetScope, Decision
+from gateway.policy.model import Bundle
+from gateway.privacy.noise import NoisePlan, plan_noise
+from gateway.privacy.sensitivity import l1_sensitivity
+from gateway.query.form import MeasureForm, QueryForm
+
+
+@dataclass(frozen=True)
+class MeasurePlanning:
+    measure: MeasureForm
+    silo: str
+    noise: NoisePlan
+    rule_id: str
+    min_group_size: int
+
+
+@dataclass(frozen=True)
+class QueryPlan:
+    measures: tuple[MeasurePlanning, ...]
+    scopes: tuple[BudgetScope, ...]
+    charges: dict[str, Fraction]
+
+    @property
+    def total_rho(self) -> Fraction:
+        return sum((m.noise.rho for m in self.measures), Fraction(0))
+
+    @property
+    def silos(self) -> tuple[str, ...]:
+        return tuple(sorted({m.silo for m in self.measures}))
+
+    def ledger_charges(self) -> dict[str, tuple[Fraction, Fraction]]:
+        """scope -> (total, cost) as the ledger takes them."""
+        return {s.key: (s.total_rho, self.charges[s.key]) for s in self.scopes}
+
+
+def plan_query(bundle: Bundle, decision: Decision, query: QueryForm) -> QueryPlan:
+    """Noise plans and charges; raises PolicyDenied when a measure exceeds its per-query cap."""
+    measures = []
+    charges: dict[str, Fraction] = defaultdict(Fraction)
+    for measure in query.measures:
+        grant = decision.grants[measure.id]
+        dataset = bundle.datasets[measure.dataset]
+        noise = plan_noise(l1_sensitivity(dataset, measure.kind), measure.spend)
+        cap = grant.rule.max_epsilon_per_query
+        if cap is not None and noise.rho > Fraction(cap) ** 2 / 2:
+            raise PolicyDenied(
+                f"measure '{measure.id}' would spend more than rule '{grant.rule_id}' allows per "
+                f"query (epsilon {cap})",
+                reason="EPSILON_CAP_EXCEEDED",
+                metadata={
+                    "measure": measure.id,
+                    "rule": grant.rule_id,
+                    "max_epsilon_per_query": cap,
+                    "requested_rho": noise.rho,
+                },
+            )
+        measures.append(
+            MeasurePlanning(measure, dataset.silo, noise, grant.rule_id, grant.rule.min_group_size)
+        )
+        for scope in grant.scopes:
+            charges[scope.key] += noise.rho
+    return QueryPlan(tuple(measures), decision.scopes, dict(charges))
