@@ -94,3 +94,10 @@ def load_config(path: Path, model: type[C]) -> C:
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
         )
         raise ConfigurationError(f"config file {path}: {problems}") from err
+
+
+class ClientConfig(_Config):
+    """What a department system needs to call the gateway: its address and certificate files."""
+
+    address: Address
+    tls: TlsConfig

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from dataclasses import replace
 import logging
+from dataclasses import replace
 from typing import Any
 
 import grpc

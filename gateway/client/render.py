@@ -1,0 +1,105 @@
+"""Human-readable (rich tables) and JSON renderings of results, budgets and datasets."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+
+from google.protobuf.json_format import MessageToDict
+from rich.console import Console
+from rich.table import Table
+
+from gateway.api.v1 import query_pb2, query_service_pb2
+from gateway.client.client import QueryResult
+
+
+def _console() -> Console:
+    # Pipes and CI logs get a fixed width wide enough for budget scopes.
+    return Console(width=None if sys.stdout.isatty() else 110)
+
+
+def result_table(result: QueryResult, *, title: str = "", limit: int | None = None) -> Table:
+    shown = result.rows if limit is None else result.rows[:limit]
+    caption = (
+        f"{len(shown)} of {len(result.rows)} groups shown · "
+        if limit is not None and len(result.rows) > limit
+        else ""
+    )
+    caption += f"cost ρ={result.raw.cost.rho_value:.4g}"
+    caption += " · cached" if result.cached else ""
+    caption += f" · audit #{result.audit_sequence}"
+    table = Table(title=title or None, caption=caption)
+    for name in result.group_by:
+        table.add_column(name)
+    value_names = list(result.rows[0].values) if result.rows else []
+    for name in value_names:
+        table.add_column(name, justify="right")
+        table.add_column("±95%", justify="right", style="dim")
+    for row in shown:
+        cells = [row.keys[g] for g in result.group_by]
+        for name in value_names:
+            value = row.values[name]
+            cells += ["<suppressed>" if value.suppressed else f"{value.value:,.0f}"]
+            cells += [f"{value.error95:,.0f}"]
+        table.add_row(*cells)
+    return table
+
+
+def budget_table(balances: Sequence[query_service_pb2.BudgetBalance], *, title: str = "") -> Table:
+    """Budgets in rho (exact, additive). The ε column is the pure-DP query the rest would pay for
+    (ρ = ε²/2), so it does not add up the way ρ does."""
+    table = Table(title=title or None, caption="amounts in ρ (zCDP; adds up across queries); left as ε: the one pure-DP query it pays for, ε = √(2ρ)")
+    table.add_column("scope", no_wrap=True)
+    for name in ("total ρ", "spent", "reserved", "left", "left as ε"):
+        table.add_column(name, justify="right")
+    for b in balances:
+        table.add_row(
+            b.scope,
+            f"{b.total.rho_value:.4g}",
+            f"{b.spent.rho_value:.4g}",
+            f"{b.reserved.rho_value:.4g}",
+            f"{b.remaining.rho_value:.4g}",
+            f"{b.remaining.epsilon:.4g}",
+        )
+    return table
+
+
+def _dump(value: object) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def print_result(result: QueryResult, *, output: str = "table") -> None:
+    if output == "json":
+        _dump(MessageToDict(result.raw, preserving_proto_field_name=True))
+    else:
+        _console().print(result_table(result))
+
+
+def print_budget(balances: Sequence[query_service_pb2.BudgetBalance], *, output: str) -> None:
+    if output == "json":
+        _dump([MessageToDict(b, preserving_proto_field_name=True) for b in balances])
+    else:
+        _console().print(budget_table(balances))
+
+
+def print_datasets(datasets: Sequence[query_service_pb2.DatasetInfo], *, output: str) -> None:
+    if output == "json":
+        _dump([MessageToDict(d, preserving_proto_field_name=True) for d in datasets])
+        return
+    table = Table()
+    for name in ("dataset", "silo", "measures", "group by", "filter on", "purposes"):
+        table.add_column(name)
+    for d in datasets:
+        table.add_row(
+            d.name,
+            d.silo,
+            ", ".join(
+                query_pb2.MeasureKind.Name(m).removeprefix("MEASURE_KIND_").lower()
+                for m in d.measures
+            ),
+            ", ".join(c.name for c in d.columns if c.groupable),
+            ", ".join(c.name for c in d.columns if c.filterable),
+            ", ".join(d.purposes),
+        )
+    _console().print(table)
