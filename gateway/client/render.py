@@ -29,7 +29,7 @@ def result_table(result: QueryResult, *, title: str = "", limit: int | None = No
     caption += f"cost ρ={result.raw.cost.rho_value:.4g}"
     caption += " · cached" if result.cached else ""
     caption += f" · audit #{result.audit_sequence}"
-    table = Table(title=title or None, caption=caption)
+    table = Table(title=title or None, caption=caption, min_width=len(title) + 4)
     for name in result.group_by:
         table.add_column(name)
     value_names = list(result.rows[0].values) if result.rows else []

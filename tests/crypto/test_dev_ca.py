@@ -279,7 +279,7 @@ class _IdentityRecordingHealth(health.aio.HealthServicer):  # type: ignore[misc]
         super().__init__()
         self.callers: list[tuple[str, ...]] = []
 
-    async def Check(  # noqa: N802 (the gRPC method name)
+    async def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> health_pb2.HealthCheckResponse:
         self.callers.append(peer_identities(context.auth_context()))

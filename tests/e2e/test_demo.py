@@ -1,0 +1,48 @@
+"""`silogate demo` as a newcomer runs it: separate processes, tables, exit 0, nothing left over."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_stops_every_process(tmp_path: Path) -> None:
+    outcome = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "demo",
+            "--people",
+            "3000",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert outcome.returncode == 0, outcome.stderr[-2000:]
+    out = outcome.stdout
+    assert "civil-affairs: elderly living alone and party members per community" in out
+    assert "org-department: residents aged 60+ and members per community" in out
+    assert "PERMISSION_DENIED POLICY_DENIED" in out
+    assert "budget left: civil-affairs" in out and "budget left: org-department" in out
+    assert "every process stopped" in out
+    # Every server bound a port and wrote it; after the demo none of them is still listening.
+    ports = [int(p.read_text()) for p in (tmp_path / "run").glob("*.port")]
+    assert len(ports) == 5
+    for port in ports:
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open"
+    # Each silo logged its own releases; the gateway's audit log has every query.
+    assert (tmp_path / "state" / "silo-civil" / "audit.jsonl").read_text().count("\n") >= 2
+    audit = (tmp_path / "state" / "gateway" / "audit" / "audit.jsonl").read_text().splitlines()
+    assert sum('"decision":"released"' in line for line in audit) == 3
+    assert sum('"decision":"denied"' in line for line in audit) == 1

@@ -1,0 +1,117 @@
+"""Failure semantics across processes: an unreachable silo, start-up errors of the servers."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from ruamel.yaml import YAML
+from support import POLICY, BackgroundLoop, gateway_config, tls_config
+
+from gateway.client import ClientError, SilogateClient, count
+from gateway.crypto.dev_ca import GATEWAY_IDENTITY
+from gateway.server.app import start_gateway
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_unreachable_silo_fails_clearly_and_spends_nothing(system, tmp_path: Path) -> None:
+    addresses = {name: system.silo_address(name) for name in system.silos}
+    addresses["events"] = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    loop = BackgroundLoop()
+    gateway = loop.run(start_gateway(gateway_config(tmp_path, system.pki, addresses)))
+    tls = system.pki.consumer("grid-centre")
+    try:
+        with SilogateClient.connect(
+            f"127.0.0.1:{gateway.port}", ca=tls.ca, cert=tls.cert, key=tls.key, retries=0
+        ) as client:
+            with pytest.raises(ClientError) as caught:
+                client.query(
+                    purpose="casework-monitoring",
+                    measures=[count("cases", "events.cases", epsilon="0.5")],
+                    request_id="to-a-dead-silo",
+                )
+            assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+            assert caught.value.reason == "SILO_UNAVAILABLE"
+            assert caught.value.metadata["silo"] == "events"
+            assert caught.value.metadata["budget_spent"] == "false"
+            assert all(
+                b.spent.rho_value == 0 and b.reserved.rho_value == 0 for b in client.budget()
+            )
+    finally:
+        loop.run(gateway.stop(0))
+        loop.close()
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "state" / "audit" / "audit.jsonl").read_text().splitlines()
+    ]
+    failed = [r for r in records if r.get("request_id") == "to-a-dead-silo"]
+    assert len(failed) == 1 and failed[0]["decision"] == "failed"
+    assert failed[0]["reason"] == "SILO_UNAVAILABLE"
+
+
+def _write_config(path: Path, content: dict[str, object]) -> Path:
+    with path.open("w") as handle:
+        YAML(typ="safe", pure=True).dump(content, handle)
+    return path
+
+
+def _silo_config(tmp_path: Path, system, **changes: object) -> Path:
+    tls = tls_config(system.pki.silo("civil"))
+    content: dict[str, object] = {
+        "silo": "civil",
+        "listen": "127.0.0.1:0",
+        "tls": {"ca": str(tls.ca), "cert": str(tls.cert), "key": str(tls.key)},
+        "policy": str(POLICY),
+        "database": str(system.data / "civil.duckdb"),
+        "release_log": str(tmp_path / "release-log"),
+        "gateway_identity": GATEWAY_IDENTITY,
+    }
+    content.update(changes)
+    return _write_config(tmp_path / "silo.yaml", content)
+
+
+def _serve(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "silo", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_missing_data_file_is_one_line_and_non_zero(system, tmp_path: Path) -> None:
+    outcome = _serve(_silo_config(tmp_path, system, database=str(tmp_path / "absent.duckdb")))
+    assert outcome.returncode == 1
+    lines = outcome.stderr.strip().splitlines()
+    assert len(lines) == 1 and "DATA_MISSING" in lines[0] and "absent.duckdb" in lines[0]
+
+
+def test_port_in_use_is_one_line_and_non_zero(system, tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        outcome = _serve(_silo_config(tmp_path, system, listen=f"127.0.0.1:{port}"))
+    assert outcome.returncode == 1
+    lines = [line for line in outcome.stderr.strip().splitlines() if line.startswith("silogate:")]
+    assert len(lines) == 1 and "PORT_IN_USE" in lines[0] and str(port) in lines[0]
+
+
+def test_missing_certificate_is_one_line_and_non_zero(system, tmp_path: Path) -> None:
+    tls = tls_config(system.pki.silo("civil"))
+    missing = {"ca": str(tls.ca), "cert": str(tls.cert), "key": str(tmp_path / "nokey.pem")}
+    outcome = _serve(_silo_config(tmp_path, system, tls=missing))
+    assert outcome.returncode == 1
+    lines = outcome.stderr.strip().splitlines()
+    assert len(lines) == 1 and "CERTIFICATE_UNREADABLE" in lines[0] and "nokey.pem" in lines[0]
