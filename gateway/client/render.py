@@ -49,7 +49,10 @@ def result_table(result: QueryResult, *, title: str = "", limit: int | None = No
 def budget_table(balances: Sequence[query_service_pb2.BudgetBalance], *, title: str = "") -> Table:
     """Budgets in rho (exact, additive). The ε column is the pure-DP query the rest would pay for
     (ρ = ε²/2), so it does not add up the way ρ does."""
-    table = Table(title=title or None, caption="amounts in ρ (zCDP; adds up across queries); left as ε: the one pure-DP query it pays for, ε = √(2ρ)")
+    table = Table(
+        title=title or None,
+        caption="amounts in ρ (zCDP; adds up across queries); left as ε: the one pure-DP query it pays for, ε = √(2ρ)",
+    )
     table.add_column("scope", no_wrap=True)
     for name in ("total ρ", "spent", "reserved", "left", "left as ε"):
         table.add_column(name, justify="right")
@@ -71,21 +74,41 @@ def _dump(value: object) -> None:
 
 def print_result(result: QueryResult, *, output: str = "table") -> None:
     if output == "json":
-        _dump(MessageToDict(result.raw, preserving_proto_field_name=True))
+        _dump(
+            MessageToDict(
+                result.raw,
+                preserving_proto_field_name=True,
+                always_print_fields_with_no_presence=True,
+            )
+        )
     else:
         _console().print(result_table(result))
 
 
 def print_budget(balances: Sequence[query_service_pb2.BudgetBalance], *, output: str) -> None:
     if output == "json":
-        _dump([MessageToDict(b, preserving_proto_field_name=True) for b in balances])
+        _dump(
+            [
+                MessageToDict(
+                    b, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+                )
+                for b in balances
+            ]
+        )
     else:
         _console().print(budget_table(balances))
 
 
 def print_datasets(datasets: Sequence[query_service_pb2.DatasetInfo], *, output: str) -> None:
     if output == "json":
-        _dump([MessageToDict(d, preserving_proto_field_name=True) for d in datasets])
+        _dump(
+            [
+                MessageToDict(
+                    d, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+                )
+                for d in datasets
+            ]
+        )
         return
     table = Table()
     for name in ("dataset", "silo", "measures", "group by", "filter on", "purposes"):
