@@ -51,7 +51,7 @@ def budget_table(balances: Sequence[query_service_pb2.BudgetBalance], *, title: 
     (ρ = ε²/2), so it does not add up the way ρ does."""
     table = Table(
         title=title or None,
-        caption="amounts in ρ (zCDP; adds up across queries); left as ε: the one pure-DP query it pays for, ε = √(2ρ)",
+        caption="ρ (zCDP) adds up across queries; 'left as ε' is the one pure-DP query the rest pays for: ε = √(2ρ)",
     )
     table.add_column("scope", no_wrap=True)
     for name in ("total ρ", "spent", "reserved", "left", "left as ε"):
