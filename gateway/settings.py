@@ -36,8 +36,11 @@ class TlsConfig(_Config):
 
 
 class SiloEndpoint(_Config):
+    """Where a silo listens, and the DNS name its certificate must carry (by default
+    ``<silo>.silo.silogate.local``; the gateway verifies it instead of the address)."""
+
     address: Address
-    identity: str
+    server_name: str | None = None
 
 
 class GatewayConfig(_Config):

@@ -8,7 +8,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.crypto.dev_ca import DevPki, silo_identity
+from gateway.crypto.dev_ca import DevPki
 from gateway.settings import GatewayConfig, SiloEndpoint, TlsConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,8 +44,5 @@ def gateway_config(system_root: Path, pki: DevPki, silo_addresses: dict[str, str
         policy=POLICY,
         ledger=system_root / "state" / "ledger.sqlite",
         audit=system_root / "state" / "audit",
-        silos={
-            name: SiloEndpoint(address=address, identity=silo_identity(name))
-            for name, address in silo_addresses.items()
-        },
+        silos={name: SiloEndpoint(address=address) for name, address in silo_addresses.items()},
     )

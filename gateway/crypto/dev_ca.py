@@ -78,6 +78,12 @@ def silo_identity(name: str) -> str:
     return _SILO_PREFIX + _checked_name(name, "silo")
 
 
+def silo_server_name(name: str) -> str:
+    """The DNS name in silo ``name``'s certificate that the gateway checks when it connects, so a
+    silo cannot be impersonated by another silo's (or any other server's) certificate."""
+    return f"{_checked_name(name, 'silo')}.silo.{TRUST_DOMAIN}"
+
+
 def consumer_identity(name: str) -> str:
     """The SPIFFE ID that the certificate of consumer ``name`` carries."""
     return _CONSUMER_PREFIX + _checked_name(name, "consumer")
@@ -255,7 +261,7 @@ def init_dev_pki(
             directory,
             f"silo-{name}",
             identity=silo_identity(name),
-            hosts=host_names,
+            hosts=(*_subject_alternative_host_names((silo_server_name(name),)), *host_names),
             usages=(ExtendedKeyUsageOID.SERVER_AUTH,),
         )
         for name in silo_names

@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from ruamel.yaml import YAML
 
-from gateway.crypto.dev_ca import GATEWAY_IDENTITY, DevPki, init_dev_pki, silo_identity
+from gateway.crypto.dev_ca import GATEWAY_IDENTITY, DevPki, init_dev_pki
 from gateway.demo.synthetic import generate_departments
 from gateway.errors import ConfigurationError
 
@@ -171,10 +171,7 @@ def start_stack(
                 "policy": str(policy),
                 "ledger": str(state / "gateway" / "ledger.sqlite"),
                 "audit": str(state / "gateway" / "audit"),
-                "silos": {
-                    silo: {"address": address, "identity": silo_identity(silo)}
-                    for silo, address in addresses.items()
-                },
+                "silos": {silo: {"address": address} for silo, address in addresses.items()},
             },
         )
         on_step("gateway")

@@ -14,7 +14,7 @@ import grpc
 
 from gateway.api.v1 import silo_service_pb2, silo_service_pb2_grpc
 from gateway.crypto.channels import channel_credentials
-from gateway.crypto.dev_ca import TlsFiles
+from gateway.crypto.dev_ca import TlsFiles, silo_server_name
 from gateway.errors import ReleaseRefused, SilogateError, SiloUnavailable
 from gateway.server.status import parse_rpc_error
 from gateway.settings import SiloEndpoint
@@ -43,7 +43,18 @@ class SiloClients:
     def __init__(self, endpoints: Mapping[str, SiloEndpoint], tls: TlsFiles) -> None:
         credentials = channel_credentials(tls)
         self._channels = {
-            name: grpc.aio.secure_channel(endpoint.address, credentials)
+            name: grpc.aio.secure_channel(
+                endpoint.address,
+                credentials,
+                # Verify the silo's own name, not the address: any server certificate from the CA
+                # would match 127.0.0.1, only silo `name`'s carries this name.
+                options=[
+                    (
+                        "grpc.ssl_target_name_override",
+                        endpoint.server_name or silo_server_name(name),
+                    )
+                ],
+            )
             for name, endpoint in endpoints.items()
         }
         self._stubs = {

@@ -136,7 +136,10 @@ def test_leaf_certificate_carries_identity_usages_and_hosts(
     assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [identity]
     assert _extended_key_usages(leaf) == usages
     if has_hosts:
-        assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
+        dns = sans.get_values_for_type(x509.DNSName)
+        # Silo certificates also name the silo (`<name>.silo.silogate.local`), which the gateway verifies.
+        assert [name for name in dns if not name.endswith(".silo.silogate.local")] == ["localhost"]
+        assert len(dns) == (2 if "/silo/" in identity else 1)
         assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
     else:
         assert sans.get_values_for_type(x509.DNSName) == []
@@ -193,7 +196,7 @@ def test_hosts_become_dns_and_ip_sans_of_server_certificates(tmp_path: Path) -> 
     )
     sans = _sans(_certificate(pki.silo("org").cert))
 
-    assert sans.get_values_for_type(x509.DNSName) == ["silo.internal"]
+    assert sans.get_values_for_type(x509.DNSName) == ["org.silo.silogate.local", "silo.internal"]
     assert sans.get_values_for_type(x509.IPAddress) == [
         ipaddress.ip_address("::1"),
         ipaddress.ip_address("10.0.0.7"),

@@ -115,3 +115,28 @@ def test_missing_certificate_is_one_line_and_non_zero(system, tmp_path: Path) ->
     assert outcome.returncode == 1
     lines = outcome.stderr.strip().splitlines()
     assert len(lines) == 1 and "CERTIFICATE_UNREADABLE" in lines[0] and "nokey.pem" in lines[0]
+
+
+def test_gateway_refuses_a_server_that_is_not_the_named_silo(system, tmp_path: Path) -> None:
+    """A certificate from the same CA is not enough: the civil silo cannot stand in for events."""
+    addresses = {name: system.silo_address(name) for name in system.silos}
+    addresses["events"] = system.silo_address("civil")
+    loop = BackgroundLoop()
+    gateway = loop.run(start_gateway(gateway_config(tmp_path, system.pki, addresses)))
+    tls = system.pki.consumer("grid-centre")
+    try:
+        with (
+            SilogateClient.connect(
+                f"127.0.0.1:{gateway.port}", ca=tls.ca, cert=tls.cert, key=tls.key, retries=0
+            ) as client,
+            pytest.raises(ClientError) as caught,
+        ):
+            client.query(
+                purpose="casework-monitoring",
+                measures=[count("cases", "events.cases", epsilon="0.5")],
+            )
+    finally:
+        loop.run(gateway.stop(0))
+        loop.close()
+    assert caught.value.reason == "SILO_UNAVAILABLE"
+    assert caught.value.metadata["budget_spent"] == "false"
