@@ -53,7 +53,3 @@ class AuditLog:
                 os.fsync(handle.fileno())
             self._next += 1
             return sequence
-
-    def records(self) -> list[dict[str, Any]]:
-        with self.path.open("rb") as handle:
-            return [json.loads(line) for line in handle if line.strip()]

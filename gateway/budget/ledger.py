@@ -128,7 +128,8 @@ class PrivacyLedger:
         """Reserve ``cost`` in every scope (scope -> (total, cost)) atomically, or refuse.
 
         A request id already seen for this consumer returns its earlier state (a replay) when the
-        query is the same, and raises RequestConflict when it is not.
+        query is the same, and raises RequestConflict when it is not. A cancelled attempt (nothing
+        was released) is replaced, so a client may retry a failed query with the same id.
         """
         for scope, (total, cost) in charges.items():
             if cost < 0 or total < 0:
@@ -141,14 +142,24 @@ class PrivacyLedger:
                     "WHERE consumer = ? AND request_id = ?",
                     (consumer, request_id),
                 ).fetchone()
-                if row is not None:
+                if row is not None and row[0] != query_digest:
+                    raise RequestConflict(
+                        f"request id '{request_id}' was already used with another query",
+                        metadata={"request_id": request_id},
+                    )
+                if row is not None and row[1] != "cancelled":
                     self._db.execute("ROLLBACK")
-                    if row[0] != query_digest:
-                        raise RequestConflict(
-                            f"request id '{request_id}' was already used with another query",
-                            metadata={"request_id": request_id},
-                        )
                     return Reservation(request_id, row[1], row[2])
+                if row is not None:
+                    # A cancelled attempt released nothing: a retry of the same query starts afresh.
+                    self._db.execute(
+                        "DELETE FROM charges WHERE consumer = ? AND request_id = ?",
+                        (consumer, request_id),
+                    )
+                    self._db.execute(
+                        "DELETE FROM reservations WHERE consumer = ? AND request_id = ?",
+                        (consumer, request_id),
+                    )
                 sums = self._sums(charges)
                 for scope, (total, cost) in charges.items():
                     spent, reserved = sums[scope]

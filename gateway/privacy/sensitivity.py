@@ -30,8 +30,3 @@ def l1_sensitivity(dataset: Dataset, kind: str) -> int:
         reason="MEASURE_NOT_SUPPORTED",
         metadata={"measure": kind},
     )
-
-
-def l2_sensitivity(dataset: Dataset, kind: str) -> float:
-    """L2 sensitivity; bounded by L1 for integer vectors (||v||_2 <= ||v||_1)."""
-    return float(l1_sensitivity(dataset, kind))

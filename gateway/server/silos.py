@@ -62,9 +62,6 @@ class SiloClients:
             for name, channel in self._channels.items()
         }
 
-    def known(self, silo: str) -> bool:
-        return silo in self._stubs
-
     async def release(
         self, silo: str, request: silo_service_pb2.ReleaseRequest, timeout: float
     ) -> silo_service_pb2.ReleaseResponse:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -140,3 +142,35 @@ def test_gateway_refuses_a_server_that_is_not_the_named_silo(system, tmp_path: P
         loop.close()
     assert caught.value.reason == "SILO_UNAVAILABLE"
     assert caught.value.metadata["budget_spent"] == "false"
+
+
+def test_sigterm_shuts_a_server_down_gracefully(system, tmp_path: Path) -> None:
+    port_file = tmp_path / "silo.port"
+    config = _silo_config(tmp_path, system)
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "gateway.cli", "serve", "silo"),
+            *("--config", str(config), "--port-file", str(port_file)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        port = int(port_file.read_text())
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) == 0
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+        assert process.stderr is not None
+        assert b"shutting down" in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
