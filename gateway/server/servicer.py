@@ -271,28 +271,35 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
     async def ExplainQuery(
         self, request: query_service_pb2.ExplainQueryRequest, context: grpc.aio.ServicerContext
     ) -> query_service_pb2.ExplainQueryResponse:
-        consumer = self._consumer(context)
-        query = parse_query(request.query)
-        bundle = self.bundle
-        validate_against_policy(query, bundle)
-        decision = decide(bundle, consumer, query)
-        record: dict[str, Any] = {
-            "consumer": consumer,
-            "purpose": query.purpose,
-            "query": query.canonical(),
-            "policy_version": bundle.version,
-            "rules": list(decision.deciding_rules),
-            "decision": "permit" if decision.permitted else "deny",
-        }
+        record: dict[str, Any] = {"decision": "rejected"}
         try:
+            consumer = self._consumer(context)
+            record["consumer"] = consumer
+            query = parse_query(request.query)
+            bundle = self.bundle
+            record.update(
+                purpose=query.purpose, query=query.canonical(), policy_version=bundle.version
+            )
+            validate_against_policy(query, bundle)
+            decision = decide(bundle, consumer, query)
+            record.update(
+                rules=list(decision.deciding_rules),
+                decision="permit" if decision.permitted else "deny",
+            )
+            denial = query_service_pb2.ExplainQueryResponse(
+                decision=query_service_pb2.DECISION_DENY,
+                deciding_rules=decision.deciding_rules,
+                reasons=decision.reasons,
+                policy_version=bundle.version,
+            )
             if not decision.permitted:
-                return query_service_pb2.ExplainQueryResponse(
-                    decision=query_service_pb2.DECISION_DENY,
-                    deciding_rules=decision.deciding_rules,
-                    reasons=decision.reasons,
-                    policy_version=bundle.version,
-                )
-            plan = plan_query(bundle, decision, query)
+                return denial
+            try:
+                plan = plan_query(bundle, decision, query)
+            except PolicyDenied as err:  # a per-query cap: the preview says so instead of failing
+                record.update(decision="deny", reason=err.reason)
+                denial.reasons.append(err.message)
+                return denial
             return query_service_pb2.ExplainQueryResponse(
                 decision=query_service_pb2.DECISION_PERMIT,
                 deciding_rules=decision.deciding_rules,
@@ -302,7 +309,7 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
                 policy_version=bundle.version,
             )
         except SilogateError as err:
-            record.update(decision="deny", reason=err.reason)
+            record.update(reason=err.reason)
             raise
         finally:
             self.audit.append("explain", record)

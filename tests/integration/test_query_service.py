@@ -228,6 +228,11 @@ def test_per_query_cap_and_purpose_are_enforced(system) -> None:
                 measures=[count("residents", "civil.residents", epsilon="1.5")],
             )
         assert caught.value.reason == "EPSILON_CAP_EXCEEDED"
+        preview = client.explain(
+            purpose=ELDERLY, measures=[count("residents", "civil.residents", epsilon="1.5")]
+        )
+        assert preview.decision == query_service_pb2.DECISION_DENY
+        assert "per query" in preview.reasons[-1] and not preview.measures
         with pytest.raises(ClientError) as caught:
             client.query(
                 purpose="volunteer-planning",
