@@ -104,10 +104,13 @@ def test_version_changes_when_a_bundle_file_changes(
         assert load_bundle(bundle_copy).version == bundle_version(bundle_copy)
 
 
-def test_version_ignores_policy_tests_and_signatures(demo_bundle: Bundle, bundle_copy: Path) -> None:
+def test_version_ignores_policy_tests_signatures_and_hidden_files(
+    demo_bundle: Bundle, bundle_copy: Path
+) -> None:
     (bundle_copy / "tests").mkdir(exist_ok=True)
     (bundle_copy / "tests" / "decisions.yaml").write_text("cases: []\n", encoding="utf-8")
     (bundle_copy / "bundle.sig").write_bytes(b"signature")
+    (bundle_copy / ".DS_Store").write_bytes(b"editor litter")
     assert load_bundle(bundle_copy).version == demo_bundle.version
 
 
@@ -116,7 +119,9 @@ def test_version_ignores_policy_tests_and_signatures(demo_bundle: Bundle, bundle
 
 def test_unknown_key_is_reported_at_the_key(bundle_copy: Path, edit: Edit) -> None:
     datasets = bundle_copy / "datasets.yaml"
-    edit(datasets, "    max_rows_per_person: 20\n", "    max_rows_per_person: 20\n    max_rows: 3\n")
+    edit(
+        datasets, "    max_rows_per_person: 20\n", "    max_rows_per_person: 20\n    max_rows: 3\n"
+    )
     text = datasets.read_text(encoding="utf-8").splitlines()
     line = text.index("    max_rows: 3") + 1
     # The rejected dataset is then missing for the rules (see the cascade test below).
@@ -179,7 +184,7 @@ def test_duplicate_key_within_a_mapping_is_a_yaml_error(bundle_copy: Path, edit:
     )
     where = locate(consumers, "identity: again", "identity")
     problem = problems(bundle_copy)[0]
-    assert problem.startswith(f"{where}: YAML: found duplicate key \"identity\"")
+    assert problem.startswith(f'{where}: YAML: found duplicate key "identity"')
 
 
 def test_dangling_population_reference(bundle_copy: Path, edit: Edit) -> None:
@@ -262,7 +267,9 @@ def test_a_rejected_declaration_causes_no_false_reports_about_its_users(
     dataset declares", which is false: the dataset as written declares them.
     """
     datasets = bundle_copy / "datasets.yaml"
-    edit(datasets, "    max_rows_per_person: 20\n", "    max_rows_per_person: 20\n    max_rows: 3\n")
+    edit(
+        datasets, "    max_rows_per_person: 20\n", "    max_rows_per_person: 20\n    max_rows: 3\n"
+    )
     assert problems(bundle_copy) == [
         f"{locate(datasets, '    max_rows: 3', 'max_rows')}: "
         "dataset 'org.activities': unknown key 'max_rows'"
@@ -285,7 +292,9 @@ def break_in_several_places(root: Path, edit: Edit) -> list[str]:
     loader's order: files in name order while reading, then key sets, then references.
     """
     datasets, rules = root / "datasets.yaml", root / "rules.yaml"
-    edit(datasets, "    max_rows_per_person: 20\n", "    max_rows_per_person: 20\n    max_rows: 3\n")
+    edit(
+        datasets, "    max_rows_per_person: 20\n", "    max_rows_per_person: 20\n    max_rows: 3\n"
+    )
     edit(
         datasets,
         "population: city-residents\n    max_rows_per_person: 24",
@@ -346,9 +355,7 @@ def test_cli_policy_check_accepts_the_demo_bundle(
 ) -> None:
     assert main(["policy", "check", str(DEMO_BUNDLE)]) == 0
     out, err = capsys.readouterr()
-    assert out == (
-        f"ok: 7 datasets, 3 consumers, 4 rules; policy version {demo_bundle.version}\n"
-    )
+    assert out == (f"ok: 7 datasets, 3 consumers, 4 rules; policy version {demo_bundle.version}\n")
     assert err == ""
 
 
