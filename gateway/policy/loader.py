@@ -153,6 +153,8 @@ def load_bundle(root: Path) -> Bundle:
         raise PolicyInvalid([PolicyProblem(None, f"policy bundle folder not found: {root}")])
     problems = _Collector()
     declared: dict[str, dict[str, tuple[Any, str, CommentedMap]]] = {s: {} for s in SECTIONS}
+    # Declarations already reported as invalid: references to them are not reported again.
+    broken: dict[str, set[str]] = {s: set() for s in SECTIONS}
     for rel, doc in _read_yaml_files(root, problems):
         for section, body in doc.items():
             if section not in SECTIONS:
@@ -174,7 +176,9 @@ def load_bundle(root: Path) -> Bundle:
                     )
                     continue
                 item = _validate(problems, model, rel, node, f"{section[:-1]} '{name}'")
-                if item is not None:
+                if item is None:
+                    broken[section].add(str(name))
+                else:
                     declared[section][str(name)] = (item, rel, body)
 
     def items(section: str) -> dict[str, Any]:
@@ -193,7 +197,8 @@ def load_bundle(root: Path) -> Bundle:
         consumers=items("consumers"),
         rules=items("rules"),
     )
-    _check_references(bundle, problems, where)
+    broken["key_sets"] |= set(declared["key_sets"]) - set(key_sets)
+    _check_references(bundle, problems, where, broken)
     if problems.problems:
         raise PolicyInvalid(problems.problems)
     return bundle
@@ -230,7 +235,10 @@ def _resolve_key_sets(
 
 
 def _check_references(
-    bundle: Bundle, problems: _Collector, where: Callable[[str, str], SourcePosition]
+    bundle: Bundle,
+    problems: _Collector,
+    where: Callable[[str, str], SourcePosition],
+    broken: dict[str, set[str]],
 ) -> None:
     """Dangling references, grants on undeclared columns and rules that can never match."""
     for name, dataset in bundle.datasets.items():
@@ -239,19 +247,28 @@ def _check_references(
                 where("datasets", name),
                 f"dataset '{name}' must be named '<silo>.<table>' ('{dataset.silo}.{dataset.table}')",
             )
-        if dataset.population not in bundle.populations:
+        if dataset.population not in {*bundle.populations, *broken["populations"]}:
             problems.add(
                 where("datasets", name),
                 f"dataset '{name}': unknown population '{dataset.population}'",
             )
         for column_name, column in dataset.columns.items():
-            if column.key_set is not None and column.key_set not in bundle.key_sets:
+            if column.key_set is not None and column.key_set not in {
+                *bundle.key_sets,
+                *broken["key_sets"],
+            }:
                 problems.add(
                     where("datasets", name),
                     f"dataset '{name}' column '{column_name}': unknown key set '{column.key_set}'",
                 )
     for rule_id, rule in bundle.rules.items():
         consumers = [c for c in bundle.consumers if rule.applies_to_consumer(c)]
+        # A rule that may refer to an invalid declaration is not judged on what it matches.
+        refers_to_broken = any(rule.applies_to_consumer(c) for c in broken["consumers"]) or any(
+            rule.applies_to_dataset(d) for d in broken["datasets"]
+        )
+        if refers_to_broken:
+            continue
         if not consumers:
             problems.add(where("rules", rule_id), f"rule '{rule_id}' matches no declared consumer")
         datasets = [d for n, d in bundle.datasets.items() if rule.applies_to_dataset(n)]

@@ -16,8 +16,9 @@ def l1_sensitivity(dataset: Dataset, kind: str) -> int:
 
     - ``count``: a person keeps at most ``max_rows_per_person`` rows, each counted in exactly one
       group, so adding or removing them changes the vector's L1 norm by at most that number.
-    - ``count_persons``: a person adds 1 to each group they appear in; they appear in at most
-      ``min(max_rows_per_person, max_groups_per_person)`` groups.
+    - ``count_persons``: a person adds 1 to each group they appear in; their kept rows (at most
+      ``max_rows_per_person``) fall in at most ``max_groups_per_person`` groups, since the silo's
+      SQL drops rows beyond both caps, so they appear in at most the smaller of the two.
     """
     rows = dataset.max_rows_per_person
     if kind == "count":

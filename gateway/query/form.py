@@ -51,6 +51,10 @@ _ARITY: dict[FilterOp, tuple[int, int]] = {
 }
 _ID = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _MAX_AMOUNT = Fraction(1000)
+# Below this, noise scales overflow floats; no useful release spends less.
+_MIN_AMOUNT_TEXT = "0.000001"
+_MIN_AMOUNT = Fraction(_MIN_AMOUNT_TEXT)
+_MIN_EXPONENT, _MAX_EXPONENT, _MAX_DIGITS = -7, 3, 30
 
 
 @dataclass(frozen=True)
@@ -77,8 +81,9 @@ class FilterForm:
 
     def canonical(self) -> dict[str, object]:
         values = [_literal_json(v) for v in self.values]
-        if self.op == "in":
-            values = sorted(set(values), key=json.dumps)
+        if self.op == "in":  # a set: order and repeats do not change the query
+            unique = {json.dumps(v, sort_keys=True): v for v in values}
+            values = [unique[key] for key in sorted(unique)]
         return {"column": self.column, "op": self.op, "values": values}
 
 
@@ -143,9 +148,22 @@ def _amount(text: str, field: str, violations: list[FieldViolation]) -> Fraction
     except InvalidOperation:
         violations.append(FieldViolation(field, f"'{text}' is not a decimal number"))
         return None
-    if not value.is_finite() or value <= 0 or Fraction(value) > _MAX_AMOUNT:
+    # The range and digit checks come before any exact conversion: Fraction("1e-10000000") alone
+    # would build a ten-million-digit integer.
+    in_range = (
+        value.is_finite()
+        and value > 0
+        and _MIN_EXPONENT <= value.adjusted() <= _MAX_EXPONENT
+        and len(value.as_tuple().digits) <= _MAX_DIGITS
+        and _MIN_AMOUNT <= Fraction(value) <= _MAX_AMOUNT
+    )
+    if not in_range:
         violations.append(
-            FieldViolation(field, f"must be a finite number in (0, {_MAX_AMOUNT}], got '{text}'")
+            FieldViolation(
+                field,
+                f"must be a decimal in [{_MIN_AMOUNT_TEXT}, {_MAX_AMOUNT}] with at most "
+                f"{_MAX_DIGITS} digits, got '{text}'",
+            )
         )
         return None
     return Fraction(value)

@@ -4,8 +4,11 @@ Identifiers come only from the policy bundle (validated names, quoted); literals
 parameters. No string from a request is ever interpolated into SQL.
 
 Contribution bounding: each person keeps at most ``max_rows_per_person`` rows (an arbitrary
-subset, chosen by ``ROW_NUMBER`` over the person's rows). This is what makes the sensitivity in
-:mod:`gateway.privacy.sensitivity` hold whatever the table contains.
+subset, chosen by ``ROW_NUMBER`` over the person's rows) and, when the dataset declares
+``max_groups_per_person`` and the query groups, only rows in their first ``max_groups_per_person``
+groups (``DENSE_RANK`` over the person's group keys). Both caps hold together on the kept rows, which
+is what makes the sensitivity in :mod:`gateway.privacy.sensitivity` hold whatever the table
+contains.
 """
 
 from __future__ import annotations
@@ -58,13 +61,22 @@ def compile_release_sql(
     carried = ", ".join([*groups, f"{unit} AS person"])
     aggregate = "COUNT(*)" if measure.kind == "count" else "COUNT(DISTINCT person)"
     group_list = ", ".join(groups)
+    cap_groups = dataset.max_groups_per_person is not None and bool(groups)
+    group_rank = (
+        f", DENSE_RANK() OVER (PARTITION BY person ORDER BY {group_list}) AS group_in_person"
+        if cap_groups
+        else ""
+    )
     sql = (
         f"WITH filtered AS (SELECT {carried} FROM {quote(dataset.table)} {where}), "
-        "bounded AS (SELECT *, ROW_NUMBER() OVER (PARTITION BY person) AS row_in_person "
-        "FROM filtered) "
+        "bounded AS (SELECT *, ROW_NUMBER() OVER (PARTITION BY person) AS row_in_person"
+        f"{group_rank} FROM filtered) "
         f"SELECT {group_list + ', ' if groups else ''}{aggregate} AS value "
-        "FROM bounded WHERE row_in_person <= ? "
+        f"FROM bounded WHERE row_in_person <= ?{' AND group_in_person <= ?' if cap_groups else ''} "
         f"{'GROUP BY ' + group_list if groups else ''}"
     )
     parameters.append(dataset.max_rows_per_person)
+    if cap_groups:
+        assert dataset.max_groups_per_person is not None
+        parameters.append(dataset.max_groups_per_person)
     return CompiledSql(sql=" ".join(sql.split()), parameters=tuple(parameters))
