@@ -196,6 +196,11 @@ def load_bundle(root: Path) -> Bundle:
         datasets=items("datasets"),
         consumers=items("consumers"),
         rules=items("rules"),
+        sources={
+            f"{section}/{name}": where(section, name)
+            for section, entries in declared.items()
+            for name in entries
+        },
     )
     broken["key_sets"] |= set(declared["key_sets"]) - set(key_sets)
     _check_references(bundle, problems, where, broken)

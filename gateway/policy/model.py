@@ -7,12 +7,14 @@ apply. Budget amounts are ``Decimal`` as written and become exact ``Fraction`` r
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gateway.errors import SourcePosition
 
 Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_\-]*$", max_length=64)]
 Period = Literal["lifetime", "day", "month", "quarter", "year"]
@@ -148,6 +150,9 @@ class Bundle:
     datasets: dict[str, Dataset]
     consumers: dict[str, Consumer]
     rules: dict[str, Rule]
+    # Where each declaration is written, keyed "<section>/<name>" (e.g. "rules/grid-casework"),
+    # for warnings and explanations that point into the files.
+    sources: dict[str, SourcePosition] = field(default_factory=dict)
 
     def consumer_for_identity(self, identities: tuple[str, ...]) -> str | None:
         """The consumer whose certificate identity is among the peer's identities."""
