@@ -12,6 +12,7 @@ file-system paths of a server or stack traces.
     ├── BudgetExhausted          PRIVACY_BUDGET_EXHAUSTED
     ├── ReleaseRefused           PLAN_REFUSED, POLICY_VERSION_MISMATCH (a silo refused the plan)
     ├── SiloUnavailable          SILO_UNAVAILABLE (with whether budget was spent)
+    ├── LedgerUnavailable        LEDGER_UNAVAILABLE, LEDGER_CLOCK_BEHIND (fails closed: no release)
     ├── RequestConflict          REQUEST_ID_REUSED
     └── ConfigurationError       CONFIG_INVALID, POLICY_INVALID, CERTIFICATE_UNREADABLE, DATA_MISSING, PORT_IN_USE
 """
@@ -84,6 +85,12 @@ class SiloUnavailable(SilogateError):
     """A silo could not be reached or failed."""
 
     default_reason = "SILO_UNAVAILABLE"
+
+
+class LedgerUnavailable(SilogateError):
+    """The budget ledger cannot record safely (locked, full, clock behind); nothing was spent."""
+
+    default_reason = "LEDGER_UNAVAILABLE"
 
 
 class RequestConflict(SilogateError):

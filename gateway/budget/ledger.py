@@ -1,4 +1,4 @@
-"""The privacy budget ledger, embedded in SQLite (WAL, full sync).
+"""The privacy budget ledger, embedded in SQLite (WAL, ``synchronous=FULL``).
 
 Amounts are exact rationals stored as ``"p/q"`` text: never floats, never rounded. A query reserves
 its cost in every scope in one ``BEGIN IMMEDIATE`` transaction before any silo runs, or is refused
@@ -6,29 +6,44 @@ naming the short scope. ``commit`` after the release; ``cancel`` only when no si
 anything. A reservation whose outcome is unknown is never cancelled, so it stays charged: a crash
 can over-charge, never under-charge.
 
+Running sums per scope window (``scope_balances``) are updated in the same transactions as the
+reservations, so a reservation costs O(number of scopes), not O(history); ``verify()`` recomputes
+them from the charges. Refreshing periods are windows of the configured time zone: the window is
+chosen once per reservation, from one clock reading, so one query never charges two periods; a
+clock that runs backwards (beyond a small tolerance) is refused rather than trusted.
+
 The storage is the only SQLite-specific part (``_connect`` and the SQL); a shared PostgreSQL
 ledger for several gateway replicas is meant to replace exactly that.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import sqlite3
 import threading
-import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from gateway.errors import BudgetExhausted, ConfigurationError, RequestConflict
+from gateway.budget.periods import window
+from gateway.errors import BudgetExhausted, ConfigurationError, LedgerUnavailable, RequestConflict
 
+SCHEMA_VERSION = "2"
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS reservations (
     consumer     TEXT NOT NULL,
     request_id   TEXT NOT NULL,
     query_digest TEXT NOT NULL,
     state        TEXT NOT NULL CHECK (state IN ('reserved', 'committed', 'cancelled')),
-    created_at   REAL NOT NULL,
+    created_at   TEXT NOT NULL,
+    windows      TEXT NOT NULL,
     response     BLOB,
     PRIMARY KEY (consumer, request_id)
 );
@@ -40,20 +55,56 @@ CREATE TABLE IF NOT EXISTS charges (
     PRIMARY KEY (consumer, request_id, scope),
     FOREIGN KEY (consumer, request_id) REFERENCES reservations (consumer, request_id)
 );
-CREATE INDEX IF NOT EXISTS charges_by_scope ON charges (scope);
+CREATE TABLE IF NOT EXISTS scope_balances (
+    scope    TEXT PRIMARY KEY,
+    spent    TEXT NOT NULL,
+    reserved TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS answers (
+    consumer  TEXT NOT NULL,
+    cache_key TEXT NOT NULL,
+    response  BLOB NOT NULL,
+    PRIMARY KEY (consumer, cache_key)
+);
 """
+_ZERO = Fraction(0)
 
 
 def _text(x: Fraction) -> str:
     return f"{x.numerator}/{x.denominator}"
 
 
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class ScopeLimit:
+    """A budget scope as the policy declares it: stable name, period and total (rho)."""
+
+    scope: str
+    period: str
+    total: Fraction
+
+
+@dataclass(frozen=True)
+class ScopeCharge:
+    """What one query asks of one scope."""
+
+    limit: ScopeLimit
+    cost: Fraction
+
+
 @dataclass(frozen=True)
 class Balance:
+    """One scope in its current window."""
+
     scope: str
+    window: str
     total: Fraction
     spent: Fraction
     reserved: Fraction
+    period_end: dt.datetime | None
 
     @property
     def remaining(self) -> Fraction:
@@ -67,6 +118,7 @@ class Reservation:
     request_id: str
     state: str
     stored_response: bytes | None = None
+    windows: str = ""
 
     @property
     def is_replay(self) -> bool:
@@ -76,139 +128,297 @@ class Reservation:
 class PrivacyLedger:
     """Budget accounting for one gateway. Thread-safe; every write is one transaction."""
 
-    def __init__(self, path: Path) -> None:
-        self._path = Path(path)
-        self._lock = threading.Lock()
+    def __init__(
+        self,
+        path: Path,
+        *,
+        time_zone: str = "UTC",
+        clock: Callable[[], dt.datetime] = _utc_now,
+        clock_tolerance: dt.timedelta = dt.timedelta(seconds=5),
+    ) -> None:
         try:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as err:
+            self.zone = ZoneInfo(time_zone)
+        except (ZoneInfoNotFoundError, ValueError) as err:
             raise ConfigurationError(
-                f"cannot open the budget ledger: {err}", reason="LEDGER_UNAVAILABLE"
+                f"unknown time zone '{time_zone}'", metadata={"time_zone": time_zone}
             ) from err
+        self._clock = clock
+        self._tolerance = clock_tolerance
+        self._lock = threading.Lock()
+        self._db = self._connect(Path(path))
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            if db.execute("PRAGMA quick_check").fetchone() != ("ok",):
+                raise sqlite3.DatabaseError("integrity check failed")
+            db.executescript(_SCHEMA)
+            found = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            if found is None:
+                db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            elif found[0] != SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(f"schema version {found[0]}, expected {SCHEMA_VERSION}")
+        except (sqlite3.Error, OSError) as err:
+            raise ConfigurationError(
+                f"cannot open the budget ledger {path}: {err}", reason="LEDGER_UNAVAILABLE"
+            ) from err
+        return db
 
     def close(self) -> None:
         self._db.close()
 
-    def _sums(self, scopes: Iterable[str]) -> dict[str, tuple[Fraction, Fraction]]:
-        sums = {s: (Fraction(0), Fraction(0)) for s in scopes}
-        if not sums:
-            return sums
-        marks = ",".join("?" * len(sums))
-        rows = self._db.execute(
-            "SELECT c.scope, c.rho, r.state FROM charges c JOIN reservations r "
-            "USING (consumer, request_id) "
-            f"WHERE c.scope IN ({marks}) AND r.state != 'cancelled'",
-            list(sums),
-        )
-        for scope, rho, state in rows:
-            spent, reserved = sums[scope]
-            amount = Fraction(rho)
-            sums[scope] = (
-                (spent + amount, reserved)
-                if state == "committed"
-                else (
-                    spent,
-                    reserved + amount,
+    # -- transactions ----------------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction; storage failures fail closed as LedgerUnavailable."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as err:
+                # Locked by another process, disk full, I/O error: nothing was written.
+                raise LedgerUnavailable(
+                    f"the budget ledger refused the write ({err}); nothing was spent",
+                    metadata={"cause": str(err)},
+                ) from err
+
+    def _now(self, db: sqlite3.Connection) -> dt.datetime:
+        """The clock, checked against the latest instant the ledger has recorded."""
+        now = self._clock()
+        latest = db.execute("SELECT value FROM meta WHERE key = 'latest'").fetchone()
+        if latest is not None:
+            seen = dt.datetime.fromisoformat(latest[0])
+            if now < seen - self._tolerance:
+                raise LedgerUnavailable(
+                    "the clock is behind the budget ledger's latest record; refusing to choose "
+                    "a budget period from it",
+                    reason="LEDGER_CLOCK_BEHIND",
+                    metadata={"now": now.isoformat(), "latest": seen.isoformat()},
                 )
-            )
-        return sums
+            if now <= seen:
+                return now
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('latest', ?)", (now.isoformat(),))
+        return now
+
+    def _window_key(self, limit: ScopeLimit, now: dt.datetime) -> tuple[str, dt.datetime | None]:
+        current = window(limit.period, now, self.zone)
+        key = limit.scope if limit.period == "lifetime" else f"{limit.scope}@{current.label}"
+        return key, current.end
+
+    @staticmethod
+    def _balance(db: sqlite3.Connection, key: str) -> tuple[Fraction, Fraction]:
+        row = db.execute(
+            "SELECT spent, reserved FROM scope_balances WHERE scope = ?", (key,)
+        ).fetchone()
+        return (Fraction(row[0]), Fraction(row[1])) if row else (_ZERO, _ZERO)
+
+    @staticmethod
+    def _add(db: sqlite3.Connection, key: str, spent: Fraction, reserved: Fraction) -> None:
+        old_spent, old_reserved = PrivacyLedger._balance(db, key)
+        db.execute(
+            "INSERT OR REPLACE INTO scope_balances VALUES (?, ?, ?)",
+            (key, _text(old_spent + spent), _text(old_reserved + reserved)),
+        )
+
+    # -- protocol --------------------------------------------------------------------------
 
     def reserve(
         self,
         consumer: str,
         request_id: str,
         query_digest: str,
-        charges: Mapping[str, tuple[Fraction, Fraction]],
+        charges: Sequence[ScopeCharge],
     ) -> Reservation:
-        """Reserve ``cost`` in every scope (scope -> (total, cost)) atomically, or refuse.
+        """Reserve every charge atomically in its scope's current window, or refuse.
 
         A request id already seen for this consumer returns its earlier state (a replay) when the
         query is the same, and raises RequestConflict when it is not. A cancelled attempt (nothing
         was released) is replaced, so a client may retry a failed query with the same id.
         """
-        for scope, (total, cost) in charges.items():
-            if cost < 0 or total < 0:
-                raise ValueError(f"negative amount for scope {scope}")
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute(
-                    "SELECT query_digest, state, response FROM reservations "
-                    "WHERE consumer = ? AND request_id = ?",
+        for charge in charges:
+            if charge.cost < 0 or charge.limit.total < 0:
+                raise ValueError(f"negative amount for scope {charge.limit.scope}")
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT query_digest, state, response, windows FROM reservations "
+                "WHERE consumer = ? AND request_id = ?",
+                (consumer, request_id),
+            ).fetchone()
+            if row is not None and row[0] != query_digest:
+                raise RequestConflict(
+                    f"request id '{request_id}' was already used with another query",
+                    metadata={"request_id": request_id},
+                )
+            if row is not None and row[1] != "cancelled":
+                return Reservation(request_id, row[1], row[2], row[3])
+            if row is not None:  # a cancelled attempt released nothing: start afresh
+                db.execute(
+                    "DELETE FROM charges WHERE consumer = ? AND request_id = ?",
                     (consumer, request_id),
-                ).fetchone()
-                if row is not None and row[0] != query_digest:
-                    raise RequestConflict(
-                        f"request id '{request_id}' was already used with another query",
-                        metadata={"request_id": request_id},
-                    )
-                if row is not None and row[1] != "cancelled":
-                    self._db.execute("ROLLBACK")
-                    return Reservation(request_id, row[1], row[2])
-                if row is not None:
-                    # A cancelled attempt released nothing: a retry of the same query starts afresh.
-                    self._db.execute(
-                        "DELETE FROM charges WHERE consumer = ? AND request_id = ?",
-                        (consumer, request_id),
-                    )
-                    self._db.execute(
-                        "DELETE FROM reservations WHERE consumer = ? AND request_id = ?",
-                        (consumer, request_id),
-                    )
-                sums = self._sums(charges)
-                for scope, (total, cost) in charges.items():
-                    spent, reserved = sums[scope]
-                    remaining = total - spent - reserved
-                    if cost > remaining:
-                        raise BudgetExhausted(
-                            f"budget scope '{scope}' has rho {float(remaining):.6g} left; "
-                            f"the query needs {float(cost):.6g}",
-                            metadata={
-                                "scope": scope,
-                                "requested_rho": _text(cost),
-                                "remaining_rho": _text(max(remaining, Fraction(0))),
-                            },
-                        )
-                self._db.execute(
-                    "INSERT INTO reservations VALUES (?, ?, ?, 'reserved', ?, NULL)",
-                    (consumer, request_id, query_digest, time.time()),
                 )
-                self._db.executemany(
+                db.execute(
+                    "DELETE FROM reservations WHERE consumer = ? AND request_id = ?",
+                    (consumer, request_id),
+                )
+            now = self._now(db)
+            keyed = [(self._window_key(c.limit, now)[0], c) for c in charges]
+            for key, charge in keyed:
+                spent, reserved = self._balance(db, key)
+                remaining = charge.limit.total - spent - reserved
+                if charge.cost > remaining:
+                    raise BudgetExhausted(
+                        f"budget scope '{key}' has rho {float(remaining):.6g} left; "
+                        f"the query needs {float(charge.cost):.6g}",
+                        metadata={
+                            "scope": key,
+                            "requested_rho": _text(charge.cost),
+                            "remaining_rho": _text(max(remaining, _ZERO)),
+                        },
+                    )
+            windows = "|".join(sorted(key for key, _ in keyed))
+            db.execute(
+                "INSERT INTO reservations VALUES (?, ?, ?, 'reserved', ?, ?, NULL)",
+                (consumer, request_id, query_digest, now.isoformat(), windows),
+            )
+            for key, charge in keyed:
+                db.execute(
                     "INSERT INTO charges VALUES (?, ?, ?, ?)",
-                    [(consumer, request_id, s, _text(c)) for s, (_, c) in charges.items()],
+                    (consumer, request_id, key, _text(charge.cost)),
                 )
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
-        return Reservation(request_id, "new")
+                self._add(db, key, _ZERO, charge.cost)
+        return Reservation(request_id, "new", None, windows)
 
-    def _finish(self, consumer: str, request_id: str, state: str, response: bytes | None) -> None:
-        with self._lock:
-            updated = self._db.execute(
+    def _finish(
+        self, consumer: str, request_id: str, state: str, response: bytes | None
+    ) -> list[tuple[str, Fraction]]:
+        with self._transaction() as db:
+            updated = db.execute(
                 "UPDATE reservations SET state = ?, response = ? "
                 "WHERE consumer = ? AND request_id = ? AND state = 'reserved'",
                 (state, response, consumer, request_id),
             ).rowcount
-        if updated != 1:
-            raise RuntimeError(f"no open reservation for request '{request_id}'")
+            if updated != 1:
+                raise LedgerUnavailable(
+                    f"no open reservation for request '{request_id}'",
+                    reason="RESERVATION_NOT_OPEN",
+                    metadata={"request_id": request_id},
+                )
+            charges = [
+                (scope, Fraction(rho))
+                for scope, rho in db.execute(
+                    "SELECT scope, rho FROM charges WHERE consumer = ? AND request_id = ?",
+                    (consumer, request_id),
+                )
+            ]
+            for scope, rho in charges:
+                self._add(db, scope, rho if state == "committed" else _ZERO, -rho)
+        return charges
 
-    def commit(self, consumer: str, request_id: str, response: bytes) -> None:
-        """Mark the reservation spent and store the response for idempotent replays."""
+    def commit(
+        self, consumer: str, request_id: str, response: bytes, *, cache_key: str | None = None
+    ) -> None:
+        """Mark the reservation spent, store the response for replays and, with a ``cache_key``,
+        as the answer to later identical queries."""
         self._finish(consumer, request_id, "committed", response)
+        if cache_key is not None:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT OR REPLACE INTO answers VALUES (?, ?, ?)",
+                    (consumer, cache_key, response),
+                )
 
     def cancel(self, consumer: str, request_id: str) -> None:
         """Release the reservation. Only when no silo can have released anything."""
         self._finish(consumer, request_id, "cancelled", None)
 
-    def balances(self, totals: Mapping[str, Fraction]) -> list[Balance]:
-        """Total, spent and reserved per scope (scope -> total from the active policy)."""
+    def record_free(
+        self, consumer: str, request_id: str, query_digest: str, response: bytes
+    ) -> Reservation:
+        """Record a zero-cost answer (from the cache) under a request id, for idempotent replays.
+        Returns the earlier reservation instead when the id was already used for this query."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT query_digest, state, response, windows FROM reservations "
+                "WHERE consumer = ? AND request_id = ?",
+                (consumer, request_id),
+            ).fetchone()
+            if row is not None and row[0] != query_digest:
+                raise RequestConflict(
+                    f"request id '{request_id}' was already used with another query",
+                    metadata={"request_id": request_id},
+                )
+            if row is not None and row[1] != "cancelled":
+                return Reservation(request_id, row[1], row[2], row[3])
+            db.execute(
+                "INSERT OR REPLACE INTO reservations VALUES (?, ?, ?, 'committed', ?, '', ?)",
+                (consumer, request_id, query_digest, self._now(db).isoformat(), response),
+            )
+        return Reservation(request_id, "new")
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def cache_key(
+        self, query_digest: str, policy_version: str, limits: Sequence[ScopeLimit]
+    ) -> str:
+        """Identity of an answer: the same query under the same policy in the same windows."""
+        now = self._clock()
+        windows = "|".join(sorted(self._window_key(limit, now)[0] for limit in limits))
+        return f"{query_digest}|{policy_version}|{windows}"
+
+    def cached_answer(self, consumer: str, cache_key: str) -> bytes | None:
         with self._lock:
-            sums = self._sums(totals)
-        return [Balance(s, totals[s], *sums[s]) for s in totals]
+            row = self._db.execute(
+                "SELECT response FROM answers WHERE consumer = ? AND cache_key = ?",
+                (consumer, cache_key),
+            ).fetchone()
+        return bytes(row[0]) if row else None
+
+    def balances(self, limits: Sequence[ScopeLimit]) -> list[Balance]:
+        """Total, spent and reserved per scope in its current window."""
+        now = self._clock()
+        out = []
+        with self._lock:
+            for limit in limits:
+                key, end = self._window_key(limit, now)
+                spent, reserved = self._balance(self._db, key)
+                out.append(Balance(limit.scope, key, limit.total, spent, reserved, end))
+        return out
+
+    def verify(self) -> dict[str, tuple[Fraction, Fraction]]:
+        """Recompute every running sum from the charges; raise if any differs (an audit aid)."""
+        recomputed: dict[str, tuple[Fraction, Fraction]] = {}
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT c.scope, c.rho, r.state FROM charges c JOIN reservations r "
+                "USING (consumer, request_id) WHERE r.state != 'cancelled'"
+            ).fetchall()
+            stored = {
+                scope: (Fraction(spent), Fraction(reserved))
+                for scope, spent, reserved in self._db.execute("SELECT * FROM scope_balances")
+            }
+        for scope, rho, state in rows:
+            spent, reserved = recomputed.get(scope, (_ZERO, _ZERO))
+            amount = Fraction(rho)
+            recomputed[scope] = (
+                (spent + amount, reserved) if state == "committed" else (spent, reserved + amount)
+            )
+        for scope in set(stored) | set(recomputed):
+            if stored.get(scope, (_ZERO, _ZERO)) != recomputed.get(scope, (_ZERO, _ZERO)):
+                raise LedgerUnavailable(
+                    f"running sums of scope '{scope}' disagree with its charges",
+                    reason="LEDGER_INCONSISTENT",
+                    metadata={"scope": scope},
+                )
+        return recomputed

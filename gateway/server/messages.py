@@ -42,6 +42,7 @@ def balance_message(balance: Balance, delta: Fraction) -> query_service_pb2.Budg
         spent=privacy_cost(balance.spent, delta),
         reserved=privacy_cost(balance.reserved, delta),
         remaining=privacy_cost(max(balance.remaining, Fraction(0)), delta),
+        period_end=balance.period_end.isoformat() if balance.period_end else "",
     )
 
 

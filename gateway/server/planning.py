@@ -10,6 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from fractions import Fraction
 
+from gateway.budget.ledger import ScopeCharge, ScopeLimit
 from gateway.errors import PolicyDenied
 from gateway.policy.decision import BudgetScope, Decision
 from gateway.policy.model import Bundle
@@ -41,9 +42,16 @@ class QueryPlan:
     def silos(self) -> tuple[str, ...]:
         return tuple(sorted({m.silo for m in self.measures}))
 
-    def ledger_charges(self) -> dict[str, tuple[Fraction, Fraction]]:
-        """scope -> (total, cost) as the ledger takes them."""
-        return {s.key: (s.total_rho, self.charges[s.key]) for s in self.scopes}
+    def limits(self) -> list[ScopeLimit]:
+        return [scope_limit(s) for s in self.scopes]
+
+    def ledger_charges(self) -> list[ScopeCharge]:
+        """What the ledger reserves: each scope's cost for this query."""
+        return [ScopeCharge(scope_limit(s), self.charges[s.key]) for s in self.scopes]
+
+
+def scope_limit(scope: BudgetScope) -> ScopeLimit:
+    return ScopeLimit(scope=scope.key, period=scope.period, total=scope.total_rho)
 
 
 def plan_query(bundle: Bundle, decision: Decision, query: QueryForm) -> QueryPlan:

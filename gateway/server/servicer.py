@@ -34,7 +34,7 @@ from gateway.policy.model import Bundle
 from gateway.query.form import MEASURE_KIND_NUMBERS, QueryForm, parse_query
 from gateway.query.validate import group_keys, validate_against_policy
 from gateway.server.messages import balance_message, measure_plan_message, privacy_cost
-from gateway.server.planning import QueryPlan, plan_query
+from gateway.server.planning import QueryPlan, plan_query, scope_limit
 from gateway.server.silos import SiloClients, SiloFailure
 from gateway.server.status import rpc_boundary
 
@@ -87,10 +87,9 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         return decision
 
     def _balances(self, plan: QueryPlan, after: bool = False) -> list[Any]:
-        totals = {s.key: s.total_rho for s in plan.scopes}
         deltas = {s.key: s.delta for s in plan.scopes}
         messages = []
-        for balance in self.ledger.balances(totals):
+        for balance in self.ledger.balances(plan.limits()):
             shown = (
                 replace(balance, spent=balance.spent + plan.charges[balance.scope])
                 if after
@@ -328,7 +327,7 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             if rule.applies_to_dataset(name)
             for scope in scope_keys(bundle, consumer, rule_id, name)
         }
-        balances = self.ledger.balances({k: s.total_rho for k, s in scopes.items()})
+        balances = self.ledger.balances([scope_limit(s) for s in scopes.values()])
         return query_service_pb2.GetBudgetResponse(
             balances=[balance_message(b, scopes[b.scope].delta) for b in balances]
         )

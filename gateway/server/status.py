@@ -24,6 +24,7 @@ from gateway.errors import (
     ConfigurationError,
     FieldViolation,
     InvalidQuery,
+    LedgerUnavailable,
     PolicyDenied,
     ReleaseRefused,
     RequestConflict,
@@ -43,6 +44,7 @@ _CODES: dict[type[SilogateError], grpc.StatusCode] = {
     ReleaseRefused: grpc.StatusCode.FAILED_PRECONDITION,
     SiloUnavailable: grpc.StatusCode.UNAVAILABLE,
     RequestConflict: grpc.StatusCode.ALREADY_EXISTS,
+    LedgerUnavailable: grpc.StatusCode.UNAVAILABLE,
     ConfigurationError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
