@@ -1,0 +1,138 @@
+"""Race: 500 concurrent queries from two consumers against budgets that admit exactly 50.
+
+Real gateway and silos (in-process, mutual TLS, port 0) on a copy of the demo bundle whose
+population budget admits exactly 50 queries of the cost used here. The ledger must release at most
+50, charge exactly the released costs, and charge each consumer's scope only for its own queries.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
+
+import grpc
+from ruamel.yaml import YAML
+from support import POLICY, BackgroundLoop, tls_config
+
+from gateway.client import ClientError, SilogateClient, count
+from gateway.crypto.dev_ca import GATEWAY_IDENTITY
+from gateway.server.app import start_gateway
+from gateway.settings import GatewayConfig, SiloConfig, SiloEndpoint
+from gateway.silo.app import start_silo
+
+QUERIES = 500
+ADMITTED = 50
+EPSILON = Fraction(1, 10)  # rho = 1/200 per query
+COST = EPSILON**2 / 2
+
+
+def _decimal(x: Fraction) -> str:
+    exact = Decimal(x.numerator) / Decimal(x.denominator)
+    assert Fraction(exact) == x
+    return str(exact)
+
+
+def _bundle_with_small_budgets(root: Path) -> Path:
+    bundle = root / "policies"
+    shutil.copytree(POLICY, bundle, ignore=shutil.ignore_patterns("tests"))
+    yaml = YAML()
+    populations = yaml.load((bundle / "populations.yaml").read_text())
+    populations["populations"]["city-residents"]["budget"] = {"rho": _decimal(ADMITTED * COST)}
+    yaml.dump(populations, bundle / "populations.yaml")
+    rules = yaml.load((bundle / "rules.yaml").read_text())
+    # Each consumer alone could spend more than the population allows: the population decides.
+    for rule in ("civil-elderly-care", "grid-casework"):
+        rules["rules"][rule]["budget"] = {"rho": _decimal(40 * COST)}
+    yaml.dump(rules, bundle / "rules.yaml")
+    return bundle
+
+
+def test_concurrent_queries_never_overspend(data_dir: Path, pki, tmp_path: Path) -> None:
+    bundle = _bundle_with_small_budgets(tmp_path)
+    loop = BackgroundLoop()
+    silos = {
+        name: loop.run(
+            start_silo(
+                SiloConfig(
+                    silo=name,
+                    tls=tls_config(pki.silo(name)),
+                    policy=bundle,
+                    database=data_dir / f"{name}.duckdb",
+                    release_log=tmp_path / f"silo-{name}",
+                    gateway_identity=GATEWAY_IDENTITY,
+                )
+            )
+        )
+        for name in ("civil", "events")
+    }
+    gateway = loop.run(
+        start_gateway(
+            GatewayConfig(
+                listen="127.0.0.1:0",
+                tls=tls_config(pki.gateway),
+                policy=bundle,
+                ledger=tmp_path / "ledger.sqlite",
+                audit=tmp_path / "audit",
+                silos={n: SiloEndpoint(address=f"127.0.0.1:{s.port}") for n, s in silos.items()},
+            )
+        )
+    )
+    address = f"127.0.0.1:{gateway.port}"
+    clients = {}
+    for consumer in ("civil-affairs", "grid-centre"):
+        tls = pki.consumer(consumer)
+        clients[consumer] = SilogateClient.connect(
+            address, ca=tls.ca, cert=tls.cert, key=tls.key, retries=0, timeout=60
+        )
+    outcomes: Counter[tuple[str, str]] = Counter()
+    lock = threading.Lock()
+
+    def ask(i: int) -> None:
+        consumer = "civil-affairs" if i % 2 else "grid-centre"
+        purpose, dataset = (
+            ("elderly-care-planning", "civil.residents")
+            if consumer == "civil-affairs"
+            else ("casework-monitoring", "events.cases")
+        )
+        try:
+            result = clients[consumer].query(
+                purpose=purpose,
+                measures=[count("n", dataset, epsilon=str(float(EPSILON)))],
+                request_id=f"race-{i}",
+            )
+            assert Fraction(result.rho) == COST
+            outcome = "released"
+        except ClientError as err:
+            assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+            assert err.reason == "PRIVACY_BUDGET_EXHAUSTED"
+            outcome = "exhausted"
+        with lock:
+            outcomes[(consumer, outcome)] += 1
+
+    try:
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            list(pool.map(ask, range(QUERIES)))
+        released = {c: outcomes[(c, "released")] for c in clients}
+        assert sum(outcomes.values()) == QUERIES
+        assert sum(released.values()) == ADMITTED  # the population budget admits exactly 50
+        ledger = gateway.servicer.ledger
+        ledger.verify()  # running sums agree with the individual charges
+        for consumer, client in clients.items():
+            balances = {b.scope: b for b in client.budget()}
+            population = balances["population:city-residents/lifetime"]
+            assert Fraction(population.spent.rho) == ADMITTED * COST  # exact, every consumer
+            assert population.reserved.rho == "0"
+            own = next(b for s, b in balances.items() if s.startswith(f"consumer:{consumer}/"))
+            assert Fraction(own.spent.rho) == released[consumer] * COST
+    finally:
+        for client in clients.values():
+            client.close()
+        loop.run(gateway.stop(0))
+        for silo in silos.values():
+            loop.run(silo.stop(0))
+        loop.close()
