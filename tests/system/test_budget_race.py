@@ -7,17 +7,15 @@ population budget admits exactly 50 queries of the cost used here. The ledger mu
 
 from __future__ import annotations
 
-import shutil
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 
 import grpc
-from ruamel.yaml import YAML
-from support import POLICY, BackgroundLoop, tls_config
+from small_budgets import ADMITTED, COST, EPSILON, bundle_with_small_budgets
+from support import BackgroundLoop, tls_config
 
 from gateway.client import ClientError, SilogateClient, count
 from gateway.crypto.dev_ca import GATEWAY_IDENTITY
@@ -26,34 +24,10 @@ from gateway.settings import GatewayConfig, SiloConfig, SiloEndpoint
 from gateway.silo.app import start_silo
 
 QUERIES = 500
-ADMITTED = 50
-EPSILON = Fraction(1, 10)  # rho = 1/200 per query
-COST = EPSILON**2 / 2
-
-
-def _decimal(x: Fraction) -> str:
-    exact = Decimal(x.numerator) / Decimal(x.denominator)
-    assert Fraction(exact) == x
-    return str(exact)
-
-
-def _bundle_with_small_budgets(root: Path) -> Path:
-    bundle = root / "policies"
-    shutil.copytree(POLICY, bundle, ignore=shutil.ignore_patterns("tests"))
-    yaml = YAML()
-    populations = yaml.load((bundle / "populations.yaml").read_text())
-    populations["populations"]["city-residents"]["budget"] = {"rho": _decimal(ADMITTED * COST)}
-    yaml.dump(populations, bundle / "populations.yaml")
-    rules = yaml.load((bundle / "rules.yaml").read_text())
-    # Each consumer alone could spend more than the population allows: the population decides.
-    for rule in ("civil-elderly-care", "grid-casework"):
-        rules["rules"][rule]["budget"] = {"rho": _decimal(40 * COST)}
-    yaml.dump(rules, bundle / "rules.yaml")
-    return bundle
 
 
 def test_concurrent_queries_never_overspend(data_dir: Path, pki, tmp_path: Path) -> None:
-    bundle = _bundle_with_small_budgets(tmp_path)
+    bundle = bundle_with_small_budgets(tmp_path)
     loop = BackgroundLoop()
     silos = {
         name: loop.run(
