@@ -56,15 +56,19 @@ def budget_table(balances: Sequence[query_service_pb2.BudgetBalance], *, title: 
     table.add_column("scope", no_wrap=True)
     for name in ("total ρ", "spent", "reserved", "left", "left as ε"):
         table.add_column(name, justify="right")
+    refreshing = any(b.period_end for b in balances)
+    if refreshing:
+        table.add_column("period ends")
     for b in balances:
-        table.add_row(
+        cells = [
             b.scope,
             f"{b.total.rho_value:.4g}",
             f"{b.spent.rho_value:.4g}",
             f"{b.reserved.rho_value:.4g}",
             f"{b.remaining.rho_value:.4g}",
             f"{b.remaining.epsilon:.4g}",
-        )
+        ]
+        table.add_row(*cells, *([b.period_end or "never"] if refreshing else []))
     return table
 
 
