@@ -232,6 +232,16 @@ class PrivacyLedger:
             (key, _text(old_spent + spent), _text(old_reserved + reserved)),
         )
 
+    @staticmethod
+    def _forget(db: sqlite3.Connection, consumer: str, request_id: str) -> None:
+        """Remove a cancelled attempt (its charges no longer count in any running sum)."""
+        db.execute(
+            "DELETE FROM charges WHERE consumer = ? AND request_id = ?", (consumer, request_id)
+        )
+        db.execute(
+            "DELETE FROM reservations WHERE consumer = ? AND request_id = ?", (consumer, request_id)
+        )
+
     # -- protocol --------------------------------------------------------------------------
 
     def reserve(
@@ -264,14 +274,7 @@ class PrivacyLedger:
             if row is not None and row[1] != "cancelled":
                 return Reservation(request_id, row[1], row[2], row[3])
             if row is not None:  # a cancelled attempt released nothing: start afresh
-                db.execute(
-                    "DELETE FROM charges WHERE consumer = ? AND request_id = ?",
-                    (consumer, request_id),
-                )
-                db.execute(
-                    "DELETE FROM reservations WHERE consumer = ? AND request_id = ?",
-                    (consumer, request_id),
-                )
+                self._forget(db, consumer, request_id)
             now = self._now(db)
             keyed = [(self._window_key(c.limit, now)[0], c) for c in charges]
             for key, charge in keyed:
@@ -361,8 +364,10 @@ class PrivacyLedger:
                 )
             if row is not None and row[1] != "cancelled":
                 return Reservation(request_id, row[1], row[2], row[3])
+            if row is not None:
+                self._forget(db, consumer, request_id)
             db.execute(
-                "INSERT OR REPLACE INTO reservations VALUES (?, ?, ?, 'committed', ?, '', ?)",
+                "INSERT INTO reservations VALUES (?, ?, ?, 'committed', ?, '', ?)",
                 (consumer, request_id, query_digest, self._now(db).isoformat(), response),
             )
         return Reservation(request_id, "new")
@@ -400,14 +405,20 @@ class PrivacyLedger:
         """Recompute every running sum from the charges; raise if any differs (an audit aid)."""
         recomputed: dict[str, tuple[Fraction, Fraction]] = {}
         with self._lock:
-            rows = self._db.execute(
-                "SELECT c.scope, c.rho, r.state FROM charges c JOIN reservations r "
-                "USING (consumer, request_id) WHERE r.state != 'cancelled'"
-            ).fetchall()
-            stored = {
-                scope: (Fraction(spent), Fraction(reserved))
-                for scope, spent, reserved in self._db.execute("SELECT * FROM scope_balances")
-            }
+            # One read transaction: both queries see the same snapshot even while another
+            # gateway replica writes to the file.
+            self._db.execute("BEGIN DEFERRED")
+            try:
+                rows = self._db.execute(
+                    "SELECT c.scope, c.rho, r.state FROM charges c JOIN reservations r "
+                    "USING (consumer, request_id) WHERE r.state != 'cancelled'"
+                ).fetchall()
+                stored = {
+                    scope: (Fraction(spent), Fraction(reserved))
+                    for scope, spent, reserved in self._db.execute("SELECT * FROM scope_balances")
+                }
+            finally:
+                self._db.execute("COMMIT")
         for scope, rho, state in rows:
             spent, reserved = recomputed.get(scope, (_ZERO, _ZERO))
             amount = Fraction(rho)
