@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 
-from bench import release_sql
+from bench import ledger, release_sql
 
 
 def main() -> None:
     people = int(os.environ.get("BENCH_PEOPLE", "1000000"))
     release_sql.run(people)
+    ledger.run()
 
 
 if __name__ == "__main__":

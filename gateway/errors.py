@@ -12,7 +12,8 @@ file-system paths of a server or stack traces.
     ├── BudgetExhausted          PRIVACY_BUDGET_EXHAUSTED
     ├── ReleaseRefused           PLAN_REFUSED, POLICY_VERSION_MISMATCH (a silo refused the plan)
     ├── SiloUnavailable          SILO_UNAVAILABLE (with whether budget was spent)
-    ├── LedgerUnavailable        LEDGER_UNAVAILABLE, LEDGER_CLOCK_BEHIND (fails closed: no release)
+    ├── LedgerUnavailable        LEDGER_UNAVAILABLE, LEDGER_CLOCK_BEHIND, RESERVATION_NOT_OPEN,
+    │                            LEDGER_INCONSISTENT (all fail closed: no release)
     ├── RequestConflict          REQUEST_ID_REUSED
     └── ConfigurationError       CONFIG_INVALID, POLICY_INVALID, CERTIFICATE_UNREADABLE, DATA_MISSING, PORT_IN_USE
 """

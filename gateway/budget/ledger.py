@@ -190,7 +190,8 @@ class PrivacyLedger:
             except sqlite3.Error as err:
                 # Locked by another process, disk full, I/O error: nothing was written.
                 raise LedgerUnavailable(
-                    f"the budget ledger refused the write ({err}); nothing was spent",
+                    f"the budget ledger could not record the change ({err}); an open "
+                    "reservation stays charged, a new one was not made",
                     metadata={"cause": str(err)},
                 ) from err
 
@@ -304,8 +305,13 @@ class PrivacyLedger:
         return Reservation(request_id, "new", None, windows)
 
     def _finish(
-        self, consumer: str, request_id: str, state: str, response: bytes | None
-    ) -> list[tuple[str, Fraction]]:
+        self,
+        consumer: str,
+        request_id: str,
+        state: str,
+        response: bytes | None,
+        cache_key: str | None = None,
+    ) -> None:
         with self._transaction() as db:
             updated = db.execute(
                 "UPDATE reservations SET state = ?, response = ? "
@@ -327,20 +333,18 @@ class PrivacyLedger:
             ]
             for scope, rho in charges:
                 self._add(db, scope, rho if state == "committed" else _ZERO, -rho)
-        return charges
+            if cache_key is not None:  # in the same transaction: an answer is cached iff spent
+                db.execute(
+                    "INSERT OR REPLACE INTO answers VALUES (?, ?, ?)",
+                    (consumer, cache_key, response),
+                )
 
     def commit(
         self, consumer: str, request_id: str, response: bytes, *, cache_key: str | None = None
     ) -> None:
         """Mark the reservation spent, store the response for replays and, with a ``cache_key``,
         as the answer to later identical queries."""
-        self._finish(consumer, request_id, "committed", response)
-        if cache_key is not None:
-            with self._transaction() as db:
-                db.execute(
-                    "INSERT OR REPLACE INTO answers VALUES (?, ?, ?)",
-                    (consumer, cache_key, response),
-                )
+        self._finish(consumer, request_id, "committed", response, cache_key)
 
     def cancel(self, consumer: str, request_id: str) -> None:
         """Release the reservation. Only when no silo can have released anything."""
@@ -395,10 +399,14 @@ class PrivacyLedger:
         now = self._clock()
         out = []
         with self._lock:
-            for limit in limits:
-                key, end = self._window_key(limit, now)
-                spent, reserved = self._balance(self._db, key)
-                out.append(Balance(limit.scope, key, limit.total, spent, reserved, end))
+            self._db.execute("BEGIN DEFERRED")  # one snapshot for every scope
+            try:
+                for limit in limits:
+                    key, end = self._window_key(limit, now)
+                    spent, reserved = self._balance(self._db, key)
+                    out.append(Balance(limit.scope, key, limit.total, spent, reserved, end))
+            finally:
+                self._db.execute("COMMIT")
         return out
 
     def verify(self) -> dict[str, tuple[Fraction, Fraction]]:
