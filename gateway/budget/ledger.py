@@ -175,9 +175,18 @@ class PrivacyLedger:
     # -- transactions ----------------------------------------------------------------------
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One IMMEDIATE transaction; storage failures fail closed as LedgerUnavailable."""
+    def _transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction; storage failures fail closed as LedgerUnavailable.
+
+        ``durable=False`` skips the fsync at commit (WAL with ``synchronous=NORMAL``): the
+        transaction survives a crash of the process, and the next durable transaction syncs it,
+        but a power loss may undo it. Only transactions whose loss leaves the ledger
+        over-charged, never under-charged, may use it: committing or cancelling a reservation
+        (undone, the reservation stays charged). Reservations are always durable.
+        """
         with self._lock:
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
@@ -194,6 +203,9 @@ class PrivacyLedger:
                     "reservation stays charged, a new one was not made",
                     metadata={"cause": str(err)},
                 ) from err
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
 
     def _now(self, db: sqlite3.Connection) -> dt.datetime:
         """The clock, checked against the latest instant the ledger has recorded."""
@@ -278,8 +290,9 @@ class PrivacyLedger:
                 self._forget(db, consumer, request_id)
             now = self._now(db)
             keyed = [(self._window_key(c.limit, now)[0], c) for c in charges]
+            current = {key: self._balance(db, key) for key, _ in keyed}
             for key, charge in keyed:
-                spent, reserved = self._balance(db, key)
+                spent, reserved = current[key]
                 remaining = charge.limit.total - spent - reserved
                 if charge.cost > remaining:
                     raise BudgetExhausted(
@@ -301,7 +314,11 @@ class PrivacyLedger:
                     "INSERT INTO charges VALUES (?, ?, ?, ?)",
                     (consumer, request_id, key, _text(charge.cost)),
                 )
-                self._add(db, key, _ZERO, charge.cost)
+                spent, reserved = current[key]
+                db.execute(
+                    "INSERT OR REPLACE INTO scope_balances VALUES (?, ?, ?)",
+                    (key, _text(spent), _text(reserved + charge.cost)),
+                )
         return Reservation(request_id, "new", None, windows)
 
     def _finish(
@@ -312,7 +329,8 @@ class PrivacyLedger:
         response: bytes | None,
         cache_key: str | None = None,
     ) -> None:
-        with self._transaction() as db:
+        # Not durable: if a crash undoes it, the reservation is still charged (over-charge only).
+        with self._transaction(durable=False) as db:
             updated = db.execute(
                 "UPDATE reservations SET state = ?, response = ? "
                 "WHERE consumer = ? AND request_id = ? AND state = 'reserved'",
