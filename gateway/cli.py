@@ -17,6 +17,7 @@ from gateway.errors import SilogateError
 
 if TYPE_CHECKING:
     from gateway.client import SilogateClient
+    from gateway.policy.model import Bundle
 
 EXIT_USAGE = 2
 
@@ -136,21 +137,124 @@ def _datasets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _policy_check(args: argparse.Namespace) -> int:
+def _load_for_tools(directory: Path) -> Bundle | None:
+    """The bundle, or None after printing every problem (``file:line:col: message``)."""
     from gateway.errors import PolicyInvalid
     from gateway.policy.loader import load_bundle
 
     try:
-        bundle = load_bundle(args.directory)
+        return load_bundle(directory)
     except PolicyInvalid as err:
         for problem in err.problems:
             sys.stdout.write(f"{problem}\n")
         sys.stdout.write(f"{len(err.problems)} problem(s)\n")
+        return None
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    from gateway.policy.lint import lint_bundle
+
+    bundle = _load_for_tools(args.directory)
+    if bundle is None:
         return 1
+    warnings = lint_bundle(args.directory, bundle)
+    for warning in warnings:
+        sys.stdout.write(f"{warning}\n")
     sys.stdout.write(
         f"ok: {len(bundle.datasets)} datasets, {len(bundle.consumers)} consumers, "
         f"{len(bundle.rules)} rules; policy version {bundle.version}\n"
     )
+    if warnings:
+        sys.stdout.write(f"{len(warnings)} warning(s)\n")
+    return 0
+
+
+def _policy_test(args: argparse.Namespace) -> int:
+    from gateway.policy.policytests import TESTS_DIR, report, run_policy_tests
+
+    bundle = _load_for_tools(args.directory)
+    if bundle is None:
+        return 1
+    run = run_policy_tests(args.directory, bundle)
+    if not run.results and not run.problems:
+        sys.stdout.write(f"no policy tests found: {args.directory / TESTS_DIR}/*.yaml\n")
+        return 1
+    report(run, sys.stdout.write)
+    return 0 if run.ok else 1
+
+
+def _policy_explain(args: argparse.Namespace) -> int:
+    from gateway.policy.cases import build_query, evaluate, load_query_file
+    from gateway.policy.explain import render_explanation
+
+    bundle = _load_for_tools(args.directory)
+    if bundle is None:
+        return 1
+    spec, problems = load_query_file(args.query, str(args.query))
+    if spec is None:
+        for problem in problems:
+            sys.stdout.write(f"{problem}\n")
+        return 1
+    consumer = args.consumer or spec.consumer
+    if consumer is None:
+        sys.stderr.write("silogate: name the consumer with --consumer or in the query file\n")
+        return EXIT_USAGE
+    if spec.consumer is not None and args.consumer and spec.consumer != args.consumer:
+        sys.stderr.write(
+            f"silogate: the query file is for consumer '{spec.consumer}' "
+            f"but --consumer is '{args.consumer}'\n"
+        )
+        return EXIT_USAGE
+    outcome = evaluate(bundle, consumer, build_query(spec, bundle))
+    render_explanation(bundle, consumer, outcome, sys.stdout.write)
+    return 0
+
+
+def _policy_diff(args: argparse.Namespace) -> int:
+    from gateway.policy.diff import report_diff
+
+    old = _load_for_tools(args.old)
+    new = _load_for_tools(args.new)
+    if old is None or new is None:
+        return 1
+    report_diff(old, new, sys.stdout.write)
+    return 0
+
+
+def _policy_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from gateway.policy.schema import bundle_schema, tests_schema
+
+    schema = tests_schema() if args.tests else bundle_schema()
+    sys.stdout.write(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+def _policy_keygen(args: argparse.Namespace) -> int:
+    from gateway.policy.signing import generate_signing_key
+
+    key_id = generate_signing_key(args.private, args.public, overwrite=args.overwrite)
+    sys.stdout.write(
+        f"signing key {key_id}: private key {args.private} (keep it with the policy authors), "
+        f"public key {args.public} (configure it as policy_verify_key)\n"
+    )
+    return 0
+
+
+def _policy_sign(args: argparse.Namespace) -> int:
+    from gateway.errors import PolicyInvalid
+    from gateway.policy.signing import sign_bundle
+
+    try:
+        signature = sign_bundle(args.directory, args.key)
+    except PolicyInvalid as err:
+        # An invalid bundle is never signed; show why as `policy check` would.
+        for problem in err.problems:
+            sys.stdout.write(f"{problem}\n")
+        sys.stdout.write(f"{len(err.problems)} problem(s); the bundle was not signed\n")
+        return 1
+    sys.stdout.write(f"signed: {signature}\n")
     return 0
 
 
@@ -233,9 +337,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     policy = commands.add_parser("policy", help="policy bundle tools")
     policy_commands = policy.add_subparsers(dest="policy_command", required=True)
-    check = policy_commands.add_parser("check", help="validate a bundle")
+    check = policy_commands.add_parser("check", help="validate a bundle; warn about risky settings")
     check.add_argument("directory", type=Path)
     check.set_defaults(handler=_policy_check)
+
+    policy_test = policy_commands.add_parser("test", help="run the policy tests in DIR/tests")
+    policy_test.add_argument("directory", type=Path)
+    policy_test.set_defaults(handler=_policy_test)
+
+    explain = policy_commands.add_parser(
+        "explain", help="why a query is allowed or denied, and its cost (spends nothing)"
+    )
+    explain.add_argument("directory", type=Path)
+    explain.add_argument("--consumer", help="the consumer (default: the query file's)")
+    explain.add_argument(
+        "--query", type=Path, required=True, help="YAML query, in the form of a test case"
+    )
+    explain.set_defaults(handler=_policy_explain)
+
+    policy_diff = policy_commands.add_parser(
+        "diff", help="what became allowed or denied between two bundles, and budget changes"
+    )
+    policy_diff.add_argument("old", type=Path)
+    policy_diff.add_argument("new", type=Path)
+    policy_diff.set_defaults(handler=_policy_diff)
+
+    schema = policy_commands.add_parser("schema", help="print the JSON Schema of bundle files")
+    schema.add_argument(
+        "--tests", action="store_true", help="the schema of policy test files instead"
+    )
+    schema.set_defaults(handler=_policy_schema)
+
+    keygen = policy_commands.add_parser("keygen", help="create an Ed25519 bundle signing key")
+    keygen.add_argument("private", type=Path, help="private key file (written mode 0600)")
+    keygen.add_argument("public", type=Path, help="public key file, for policy_verify_key")
+    keygen.add_argument("--overwrite", action="store_true", help="replace existing key files")
+    keygen.set_defaults(handler=_policy_keygen)
+
+    sign = policy_commands.add_parser("sign", help="validate and sign a bundle")
+    sign.add_argument("directory", type=Path)
+    sign.add_argument("--key", type=Path, required=True, help="private signing key")
+    sign.set_defaults(handler=_policy_sign)
     return parser
 
 

@@ -18,6 +18,8 @@ from gateway.crypto.dev_ca import TlsFiles
 from gateway.errors import ConfigurationError
 
 Address = Annotated[str, Field(pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")]
+# How often the policy folder is polled for a new bundle; 0 turns hot reload off.
+ReloadSeconds = Annotated[float, Field(ge=0, le=3600)]
 
 
 class _Config(BaseModel):
@@ -52,6 +54,8 @@ class GatewayConfig(_Config):
     silos: dict[str, SiloEndpoint]
     reflection: bool = False
     silo_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
+    policy_verify_key: Path | None = None
+    policy_reload_seconds: ReloadSeconds = 2.0
 
 
 class SiloConfig(_Config):
@@ -63,10 +67,22 @@ class SiloConfig(_Config):
     release_log: Path
     gateway_identity: str
     reflection: bool = False
+    policy_verify_key: Path | None = None
+    policy_reload_seconds: ReloadSeconds = 2.0
 
 
 C = TypeVar("C", bound=BaseModel)
-_PATH_KEYS = {"ca", "cert", "key", "policy", "ledger", "audit", "database", "release_log"}
+_PATH_KEYS = {
+    "ca",
+    "cert",
+    "key",
+    "policy",
+    "policy_verify_key",
+    "ledger",
+    "audit",
+    "database",
+    "release_log",
+}
 
 
 def _resolve_paths(node: object, base: Path) -> object:

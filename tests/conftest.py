@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import POLICY, BackgroundLoop, gateway_config, tls_config
+from support import BackgroundLoop, gateway_config, silo_config
 
 from gateway.client import SilogateClient
-from gateway.crypto.dev_ca import GATEWAY_IDENTITY, DevPki, init_dev_pki
+from gateway.crypto.dev_ca import DevPki, init_dev_pki
 from gateway.demo.stack import DEMO_CONSUMERS, DEMO_SILOS
 from gateway.demo.synthetic import generate_departments
 from gateway.server.app import GatewayProcess, start_gateway
-from gateway.settings import GatewayConfig, SiloConfig
+from gateway.settings import GatewayConfig
 from gateway.silo.app import SiloProcess, start_silo
 
 PEOPLE = 20_000
@@ -72,16 +72,7 @@ def system(
     silos: dict[str, SiloProcess] = {}
     for name in DEMO_SILOS:
         silos[name] = loop.run(
-            start_silo(
-                SiloConfig(
-                    silo=name,
-                    tls=tls_config(pki.silo(name)),
-                    policy=POLICY,
-                    database=data_dir / f"{name}.duckdb",
-                    release_log=root / "state" / f"silo-{name}",
-                    gateway_identity=GATEWAY_IDENTITY,
-                )
-            )
+            start_silo(silo_config(root, pki, name, data_dir / f"{name}.duckdb"))
         )
     config = gateway_config(root, pki, {n: f"127.0.0.1:{s.port}" for n, s in silos.items()})
     gateway = loop.run(start_gateway(config))

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.crypto.dev_ca import DevPki
-from gateway.settings import GatewayConfig, SiloEndpoint, TlsConfig
+from ruamel.yaml import YAML
+
+from gateway.crypto.dev_ca import GATEWAY_IDENTITY, DevPki
+from gateway.settings import GatewayConfig, SiloConfig, SiloEndpoint, TlsConfig
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY = REPO / "policies"
@@ -37,12 +40,68 @@ def tls_config(files: Any) -> TlsConfig:
     return TlsConfig(ca=files.ca, cert=files.cert, key=files.key)
 
 
-def gateway_config(system_root: Path, pki: DevPki, silo_addresses: dict[str, str]) -> GatewayConfig:
+def gateway_config(
+    system_root: Path,
+    pki: DevPki,
+    silo_addresses: dict[str, str],
+    *,
+    policy: Path = POLICY,
+    **options: Any,
+) -> GatewayConfig:
+    """A gateway on port 0. Hot reload is off unless asked for (``policy_reload_seconds``): the
+    shared ``policies/`` folder is edited while tests run, and a reload mid-test would flake."""
     return GatewayConfig(
         listen="127.0.0.1:0",
         tls=tls_config(pki.gateway),
-        policy=POLICY,
+        policy=policy,
         ledger=system_root / "state" / "ledger.sqlite",
         audit=system_root / "state" / "audit",
         silos={name: SiloEndpoint(address=address) for name, address in silo_addresses.items()},
+        **{"policy_reload_seconds": 0.0, **options},
     )
+
+
+def silo_config(
+    system_root: Path,
+    pki: DevPki,
+    silo: str,
+    database: Path,
+    *,
+    policy: Path = POLICY,
+    **options: Any,
+) -> SiloConfig:
+    """A silo agent on port 0; hot reload off unless asked for, as for :func:`gateway_config`."""
+    return SiloConfig(
+        silo=silo,
+        tls=tls_config(pki.silo(silo)),
+        policy=policy,
+        database=database,
+        release_log=system_root / "state" / f"silo-{silo}",
+        gateway_identity=GATEWAY_IDENTITY,
+        **{"policy_reload_seconds": 0.0, **options},
+    )
+
+
+def wait_until(condition: Callable[[], T], timeout: float = 15.0, interval: float = 0.05) -> T:
+    """Poll ``condition`` until it returns something truthy (returned), failing after ``timeout``.
+
+    For effects that happen in the background (a policy reload): a fixed sleep is either too
+    short on a loaded machine or wastes time on an idle one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        outcome = condition()
+        if outcome:
+            return outcome
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s (last: {outcome!r})")
+        time.sleep(interval)
+
+
+def edit_rule(bundle: Path, rule: str, **values: str) -> None:
+    """Change fields of one rule in ``bundle/rules.yaml``, keeping the rest as written."""
+    yaml = YAML()
+    path = bundle / "rules.yaml"
+    document = yaml.load(path.read_text(encoding="utf-8"))
+    document["rules"][rule].update(values)
+    with path.open("w", encoding="utf-8") as handle:
+        yaml.dump(document, handle)

@@ -119,6 +119,9 @@ class Reservation:
     state: str
     stored_response: bytes | None = None
     windows: str = ""
+    # An earlier answer to the same query in the same windows: the caller returns it at no cost
+    # and commits this (charge-free) reservation with the response it sends.
+    cached_answer: bytes | None = None
 
     @property
     def is_replay(self) -> bool:
@@ -263,8 +266,13 @@ class PrivacyLedger:
         request_id: str,
         query_digest: str,
         charges: Sequence[ScopeCharge],
+        *,
+        cache_key: str | None = None,
     ) -> Reservation:
         """Reserve every charge atomically in its scope's current window, or refuse.
+
+        With a ``cache_key`` that has a stored answer, nothing is charged: the reservation is
+        opened without charges and carries the answer.
 
         A request id already seen for this consumer returns its earlier state (a replay) when the
         query is the same, and raises RequestConflict when it is not. A cancelled attempt (nothing
@@ -289,6 +297,17 @@ class PrivacyLedger:
             if row is not None:  # a cancelled attempt released nothing: start afresh
                 self._forget(db, consumer, request_id)
             now = self._now(db)
+            if cache_key is not None:
+                answer = db.execute(
+                    "SELECT response FROM answers WHERE consumer = ? AND cache_key = ?",
+                    (consumer, cache_key),
+                ).fetchone()
+                if answer is not None:
+                    db.execute(
+                        "INSERT INTO reservations VALUES (?, ?, ?, 'reserved', ?, '', NULL)",
+                        (consumer, request_id, query_digest, now.isoformat()),
+                    )
+                    return Reservation(request_id, "new", cached_answer=bytes(answer[0]))
             keyed = [(self._window_key(c.limit, now)[0], c) for c in charges]
             current = {key: self._balance(db, key) for key, _ in keyed}
             for key, charge in keyed:
@@ -367,32 +386,6 @@ class PrivacyLedger:
     def cancel(self, consumer: str, request_id: str) -> None:
         """Release the reservation. Only when no silo can have released anything."""
         self._finish(consumer, request_id, "cancelled", None)
-
-    def record_free(
-        self, consumer: str, request_id: str, query_digest: str, response: bytes
-    ) -> Reservation:
-        """Record a zero-cost answer (from the cache) under a request id, for idempotent replays.
-        Returns the earlier reservation instead when the id was already used for this query."""
-        with self._transaction() as db:
-            row = db.execute(
-                "SELECT query_digest, state, response, windows FROM reservations "
-                "WHERE consumer = ? AND request_id = ?",
-                (consumer, request_id),
-            ).fetchone()
-            if row is not None and row[0] != query_digest:
-                raise RequestConflict(
-                    f"request id '{request_id}' was already used with another query",
-                    metadata={"request_id": request_id},
-                )
-            if row is not None and row[1] != "cancelled":
-                return Reservation(request_id, row[1], row[2], row[3])
-            if row is not None:
-                self._forget(db, consumer, request_id)
-            db.execute(
-                "INSERT INTO reservations VALUES (?, ?, ?, 'committed', ?, '', ?)",
-                (consumer, request_id, query_digest, self._now(db).isoformat(), response),
-            )
-        return Reservation(request_id, "new")
 
     # -- reading ---------------------------------------------------------------------------
 

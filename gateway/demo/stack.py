@@ -25,7 +25,7 @@ from gateway.demo.synthetic import generate_departments
 from gateway.errors import ConfigurationError
 
 DEMO_SILOS = ("org", "civil", "health", "events")
-DEMO_CONSUMERS = ("civil-affairs", "org-department", "grid-centre")
+DEMO_CONSUMERS = ("civil-affairs", "org-department", "grid-centre", "health-commission")
 _START_TIMEOUT = 60.0
 
 

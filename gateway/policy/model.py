@@ -2,6 +2,10 @@
 
 Unknown keys are errors (``extra="forbid"``) so that a misspelt setting never silently fails to
 apply. Budget amounts are ``Decimal`` as written and become exact ``Fraction`` rho; never floats.
+Numbers are limited in digits before anything converts them (``Fraction(Decimal("1e-999999999"))``
+alone would build a billion-digit integer), and counts are strict integers (``true`` or ``"3"`` is
+a mistake, not 1 or 3). A rule that spans several keys raises :class:`DeclarationError` naming the
+key where an author should look, so the loader can point at it.
 """
 
 from __future__ import annotations
@@ -16,10 +20,26 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gateway.errors import SourcePosition
 
-Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_\-]*$", max_length=64)]
+NAME_PATTERN = r"^[a-z][a-z0-9_\-]*$"
+IDENTIFIER_PATTERN = r"^[a-z][a-z0-9_]*$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
+Identifier = Annotated[str, Field(pattern=IDENTIFIER_PATTERN, max_length=64)]
+# At most 30 digits, 20 of them after the point: enough for any epsilon, delta or bound, and small
+# enough that exact arithmetic on them stays cheap.
+Number = Annotated[Decimal, Field(max_digits=30, decimal_places=20)]
+Amount = Annotated[Decimal, Field(gt=0, max_digits=30, decimal_places=20)]
+Count = Annotated[int, Field(strict=True, ge=1, le=10_000)]
 Period = Literal["lifetime", "day", "month", "quarter", "year"]
 ColumnType = Literal["category", "int", "decimal", "bool", "date"]
 MeasureName = Literal["count", "count_persons", "sum", "mean", "histogram"]
+
+
+class DeclarationError(ValueError):
+    """A declaration breaks a rule that spans several keys; ``at`` is the key to point at."""
+
+    def __init__(self, message: str, *, at: str | None = None) -> None:
+        super().__init__(message)
+        self.at = at
 
 
 class _Strict(BaseModel):
@@ -29,15 +49,17 @@ class _Strict(BaseModel):
 class BudgetSpec(_Strict):
     """A privacy budget written as epsilon (pure DP) or rho (zCDP), with a delta and a period."""
 
-    epsilon: Annotated[Decimal, Field(gt=0)] | None = None
-    rho: Annotated[Decimal, Field(gt=0)] | None = None
-    delta: Annotated[Decimal, Field(ge=0, lt=1)] = Decimal(0)
+    epsilon: Amount | None = None
+    rho: Amount | None = None
+    delta: Annotated[Decimal, Field(ge=0, lt=1, max_digits=30, decimal_places=20)] = Decimal(0)
     period: Period = "lifetime"
 
     @model_validator(mode="after")
     def _one_amount(self) -> BudgetSpec:
-        if (self.epsilon is None) == (self.rho is None):
-            raise ValueError("give exactly one of 'epsilon' or 'rho'")
+        if self.epsilon is not None and self.rho is not None:
+            raise DeclarationError("give exactly one of 'epsilon' or 'rho', not both", at="rho")
+        if self.epsilon is None and self.rho is None:
+            raise DeclarationError("give exactly one of 'epsilon' or 'rho'")
         return self
 
     @property
@@ -65,8 +87,10 @@ class KeySet(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> KeySet:
-        if (self.values is None) == (self.file is None):
-            raise ValueError("give exactly one of 'values' or 'file'")
+        if self.values is not None and self.file is not None:
+            raise DeclarationError("give exactly one of 'values' or 'file', not both", at="file")
+        if self.values is None and self.file is None:
+            raise DeclarationError("give exactly one of 'values' or 'file'")
         return self
 
 
@@ -75,17 +99,31 @@ class Column(_Strict):
 
     type: ColumnType
     key_set: Name | None = None
-    bounds: tuple[Decimal, Decimal] | None = None
-    resolution: Annotated[Decimal, Field(gt=0)] | None = None
+    bounds: tuple[Number, Number] | None = None
+    resolution: Amount | None = None
 
     @model_validator(mode="after")
     def _typed(self) -> Column:
         if self.type == "category" and self.key_set is None:
-            raise ValueError("a category column needs a 'key_set'")
+            raise DeclarationError("a category column needs a 'key_set'", at="type")
         if self.type != "category" and self.key_set is not None:
-            raise ValueError("only category columns take a 'key_set'")
+            raise DeclarationError(
+                f"only category columns take a 'key_set' (this column is {self.type})",
+                at="key_set",
+            )
+        for numeric_only in ("bounds", "resolution"):
+            if self.type not in ("int", "decimal") and getattr(self, numeric_only) is not None:
+                raise DeclarationError(
+                    f"only int and decimal columns take '{numeric_only}' "
+                    f"(this column is {self.type})",
+                    at=numeric_only,
+                )
         if self.bounds is not None and self.bounds[0] > self.bounds[1]:
-            raise ValueError("bounds must be [lower, upper] with lower <= upper")
+            lower, upper = self.bounds
+            raise DeclarationError(
+                f"bounds must be [lower, upper] with lower <= upper, got [{lower}, {upper}]",
+                at="bounds",
+            )
         return self
 
 
@@ -94,12 +132,12 @@ class Dataset(_Strict):
 
     description: str = ""
     silo: Name
-    table: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+    table: Identifier
     population: Name
-    privacy_unit: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")] = "person_key"
-    max_rows_per_person: Annotated[int, Field(ge=1, le=10_000)] = 1
-    max_groups_per_person: Annotated[int, Field(ge=1, le=10_000)] | None = None
-    columns: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")], Column]
+    privacy_unit: Identifier = "person_key"
+    max_rows_per_person: Count = 1
+    max_groups_per_person: Count | None = None
+    columns: dict[Identifier, Column]
 
 
 class Consumer(_Strict):
@@ -121,16 +159,19 @@ class Rule(_Strict):
     group_by: list[str] = Field(default_factory=list)
     filterable: list[str] = Field(default_factory=list)
     purposes: list[Name] = Field(default_factory=list)
-    max_epsilon_per_query: Annotated[Decimal, Field(gt=0)] | None = None
+    max_epsilon_per_query: Amount | None = None
     budget: BudgetSpec | None = None
-    min_group_size: Annotated[int, Field(ge=0)] = 0
+    min_group_size: Annotated[int, Field(strict=True, ge=0, le=1_000_000)] = 0
+    # Answer a repeated identical query (same consumer, policy version and budget windows) from
+    # the earlier release at no cost. Off only when callers need fresh noise each time.
+    cache_answers: Annotated[bool, Field(strict=True)] = True
 
     @model_validator(mode="after")
     def _permit_has_budget(self) -> Rule:
         if self.effect == "permit" and self.budget is None:
-            raise ValueError("a permit rule needs a 'budget'")
+            raise DeclarationError("a permit rule needs a 'budget'", at="effect")
         if self.effect == "permit" and not self.measures:
-            raise ValueError("a permit rule needs 'measures'")
+            raise DeclarationError("a permit rule needs 'measures'", at="effect")
         return self
 
     def applies_to_consumer(self, consumer: str) -> bool:

@@ -33,6 +33,8 @@ class QueryPlan:
     measures: tuple[MeasurePlanning, ...]
     scopes: tuple[BudgetScope, ...]
     charges: dict[str, Fraction]
+    # Every rule that granted a measure allows answering a repeat from the cache.
+    cacheable: bool = True
 
     @property
     def total_rho(self) -> Fraction:
@@ -80,4 +82,5 @@ def plan_query(bundle: Bundle, decision: Decision, query: QueryForm) -> QueryPla
         )
         for scope in grant.scopes:
             charges[scope.key] += noise.rho
-    return QueryPlan(tuple(measures), decision.scopes, dict(charges))
+    cacheable = all(grant.rule.cache_answers for grant in decision.grants.values())
+    return QueryPlan(tuple(measures), decision.scopes, dict(charges), cacheable)

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import logging
 from dataclasses import replace
+from fractions import Fraction
 from typing import Any
 
 import grpc
@@ -30,6 +31,7 @@ from gateway.errors import (
     Unauthenticated,
 )
 from gateway.policy.decision import Decision, decide, scope_keys
+from gateway.policy.holder import PolicyHolder
 from gateway.policy.model import Bundle
 from gateway.query.form import MEASURE_KIND_NUMBERS, QueryForm, parse_query
 from gateway.query.validate import group_keys, validate_against_policy
@@ -46,13 +48,15 @@ _DEADLINE_MARGIN = 0.25  # seconds kept back to merge, commit and audit after th
 class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
     def __init__(
         self,
-        bundle: Bundle,
+        policy: PolicyHolder,
         ledger: PrivacyLedger,
         audit: AuditLog,
         silos: SiloClients,
         silo_timeout: float,
     ) -> None:
-        self.bundle = bundle
+        # Each request reads `policy.current` once and uses that bundle throughout: a reload in
+        # the middle of a request never mixes two versions.
+        self.policy = policy
         self.ledger = ledger
         self.audit = audit
         self.silos = silos
@@ -60,11 +64,11 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
 
     # -- identity ---------------------------------------------------------------------------
 
-    def _consumer(self, context: grpc.aio.ServicerContext) -> str:
+    def _consumer(self, bundle: Bundle, context: grpc.aio.ServicerContext) -> str:
         identities = peer_identities(context.auth_context())
         if not identities:
             raise Unauthenticated("a client certificate with a SPIFFE identity is required")
-        consumer = self.bundle.consumer_for_identity(identities)
+        consumer = bundle.consumer_for_identity(identities)
         if consumer is None:
             raise Unauthenticated(
                 "the certificate identity is not a known consumer",
@@ -100,6 +104,13 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
 
     # -- RPCs -------------------------------------------------------------------------------
 
+    def _cache_key(self, bundle: Bundle, query: QueryForm, plan: QueryPlan) -> str | None:
+        """The answer-cache identity of a query: same consumer (the ledger keys by consumer),
+        canonical query, policy version and budget windows."""
+        if not plan.cacheable:
+            return None
+        return self.ledger.cache_key(query.digest, bundle.version, plan.limits())
+
     @rpc_boundary
     async def RunQuery(
         self, request: query_service_pb2.RunQueryRequest, context: grpc.aio.ServicerContext
@@ -108,8 +119,9 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         # not released) to "released"; the record is written in `finally` whatever happens.
         record: dict[str, Any] = {"request_id": request.request_id, "decision": "rejected"}
         written = False
+        bundle = self.policy.current
         try:
-            consumer = self._consumer(context)
+            consumer = self._consumer(bundle, context)
             record["consumer"] = consumer
             if not 1 <= len(request.request_id) <= 128:
                 raise InvalidQuery(
@@ -117,7 +129,6 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
                     violations=[FieldViolation("request_id", "1 to 128 characters")],
                 )
             query = parse_query(request.query)
-            bundle = self.bundle
             record.update(
                 purpose=query.purpose,
                 query=query.canonical(),
@@ -129,8 +140,13 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             decision = self._decide(bundle, consumer, query)
             record["rules"] = list(decision.deciding_rules)
             plan = plan_query(bundle, decision, query)
+            cache_key = self._cache_key(bundle, query, plan)
             reservation = self.ledger.reserve(
-                consumer, request.request_id, query.digest, plan.ledger_charges()
+                consumer,
+                request.request_id,
+                query.digest,
+                plan.ledger_charges(),
+                cache_key=cache_key,
             )
             if reservation.is_replay:
                 if reservation.state == "committed" and reservation.stored_response:
@@ -144,6 +160,18 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
                     reason="REQUEST_IN_PROGRESS",
                     metadata={"request_id": request.request_id, "state": reservation.state},
                 )
+            if reservation.cached_answer is not None:
+                # Post-processing of an earlier release: the same numbers, at no cost.
+                response = query_service_pb2.RunQueryResponse.FromString(reservation.cached_answer)
+                record.update(decision="cached", cached_from=response.audit_sequence)
+                response.request_id = request.request_id
+                response.cached = True
+                response.cost.CopyFrom(privacy_cost(Fraction(0)))
+                response.audit_sequence = self.audit.append("query", record)
+                written = True
+                self.ledger.commit(consumer, request.request_id, response.SerializeToString())
+                response.budget_left.extend(self._balances(plan))
+                return response
             record.update(
                 decision="failed",
                 rho=str(plan.total_rho),
@@ -160,7 +188,9 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             ]
             response.audit_sequence = self.audit.append("query", record)
             written = True
-            self.ledger.commit(consumer, request.request_id, response.SerializeToString())
+            self.ledger.commit(
+                consumer, request.request_id, response.SerializeToString(), cache_key=cache_key
+            )
             response.budget_left.extend(self._balances(plan))
             return response
         except SilogateError as err:
@@ -271,11 +301,11 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         self, request: query_service_pb2.ExplainQueryRequest, context: grpc.aio.ServicerContext
     ) -> query_service_pb2.ExplainQueryResponse:
         record: dict[str, Any] = {"decision": "rejected"}
+        bundle = self.policy.current
         try:
-            consumer = self._consumer(context)
+            consumer = self._consumer(bundle, context)
             record["consumer"] = consumer
             query = parse_query(request.query)
-            bundle = self.bundle
             record.update(
                 purpose=query.purpose, query=query.canonical(), policy_version=bundle.version
             )
@@ -305,6 +335,8 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
                 measures=[measure_plan_message(m) for m in plan.measures],
                 cost=privacy_cost(plan.total_rho),
                 budget_after=self._balances(plan, after=True),
+                would_be_cached=(key := self._cache_key(bundle, query, plan)) is not None
+                and self.ledger.cached_answer(consumer, key) is not None,
                 policy_version=bundle.version,
             )
         except SilogateError as err:
@@ -317,8 +349,8 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
     async def GetBudget(
         self, request: query_service_pb2.GetBudgetRequest, context: grpc.aio.ServicerContext
     ) -> query_service_pb2.GetBudgetResponse:
-        consumer = self._consumer(context)
-        bundle = self.bundle
+        bundle = self.policy.current
+        consumer = self._consumer(bundle, context)
         scopes = {
             scope.key: scope
             for rule_id, rule in sorted(bundle.rules.items())
@@ -336,8 +368,8 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
     async def ListDatasets(
         self, request: query_service_pb2.ListDatasetsRequest, context: grpc.aio.ServicerContext
     ) -> query_service_pb2.ListDatasetsResponse:
-        consumer = self._consumer(context)
-        bundle = self.bundle
+        bundle = self.policy.current
+        consumer = self._consumer(bundle, context)
         if request.page_size < 0:
             raise InvalidQuery(
                 "page_size must not be negative", metadata={"page_size": request.page_size}

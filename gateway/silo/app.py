@@ -1,20 +1,23 @@
-"""Assembles a silo agent process: policy, database, release log, servicer, server."""
+"""Assembles a silo agent process: database, policy, release log, servicer, server."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from gateway.api.v1 import silo_service_pb2, silo_service_pb2_grpc
 from gateway.audit.log import AuditLog
 from gateway.crypto.channels import server_credentials
-from gateway.errors import ConfigurationError
-from gateway.policy.loader import load_bundle
+from gateway.errors import ConfigurationError, PolicyInvalid
+from gateway.policy.holder import PolicyHolder
+from gateway.policy.model import Bundle
 from gateway.server.runtime import RunningServer, create_server
 from gateway.settings import SiloConfig
 from gateway.silo.engine import DuckDbEngine
 from gateway.silo.servicer import SiloServicer
 
 SILO_SERVICE = silo_service_pb2.DESCRIPTOR.services_by_name["SiloService"].full_name
+log = logging.getLogger("silogate.silo")
 
 
 @dataclass
@@ -27,29 +30,30 @@ class SiloProcess:
         return self.running.port
 
     async def stop(self, grace: float = 5.0) -> None:
+        await self.servicer.policy.stop_watching()
         await self.running.stop(grace)
         self.servicer.engine.close()
 
 
 async def start_silo(config: SiloConfig) -> SiloProcess:
-    """Load policy and database, check the declared tables exist, then listen."""
+    """Open the database, load the policy (its tables must exist), then listen."""
     credentials = server_credentials(config.tls.files())
-    bundle = load_bundle(config.policy)
     engine = DuckDbEngine(config.database)
-    missing = sorted(
-        d.table
-        for d in bundle.datasets_of_silo(config.silo).values()
-        if d.table not in engine.tables()
-    )
-    if missing:
-        engine.close()
-        raise ConfigurationError(
-            f"silo '{config.silo}': database {config.database} lacks table(s) {', '.join(missing)}",
-            reason="DATA_MISSING",
+    release_log = AuditLog(config.release_log)
+    try:
+        policy = PolicyHolder(
+            config.policy,
+            config.policy_verify_key,
+            on_activate=lambda bundle: _log_activation(release_log, bundle),
+            logger=log,
+            on_refuse=lambda err: _log_refusal(release_log, policy, err),
+            # A bundle declaring a table this database lacks is refused at start-up and on reload.
+            check=lambda bundle: _require_tables(config, engine, bundle),
         )
-    servicer = SiloServicer(
-        config.silo, bundle, engine, AuditLog(config.release_log), config.gateway_identity
-    )
+    except BaseException:
+        engine.close()
+        raise
+    servicer = SiloServicer(config.silo, policy, engine, release_log, config.gateway_identity)
     running = await create_server(
         config.listen,
         credentials,
@@ -57,4 +61,26 @@ async def start_silo(config: SiloConfig) -> SiloProcess:
         [SILO_SERVICE],
         reflection_enabled=config.reflection,
     )
+    policy.start_watching(config.policy_reload_seconds)
     return SiloProcess(running, servicer)
+
+
+def _require_tables(config: SiloConfig, engine: DuckDbEngine, bundle: Bundle) -> None:
+    tables = engine.tables()
+    missing = sorted(
+        d.table for d in bundle.datasets_of_silo(config.silo).values() if d.table not in tables
+    )
+    if missing:
+        raise ConfigurationError(
+            f"silo '{config.silo}': database {config.database} lacks table(s) {', '.join(missing)}",
+            reason="DATA_MISSING",
+        )
+
+
+def _log_activation(release_log: AuditLog, bundle: Bundle) -> None:
+    # The silo operator's own record of which policy version judged the releases that follow.
+    release_log.append("policy_activated", {"policy_version": bundle.version})
+
+
+def _log_refusal(release_log: AuditLog, policy: PolicyHolder, err: PolicyInvalid) -> None:
+    release_log.append("policy_refused", policy.refusal_fields(err))

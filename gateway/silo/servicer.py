@@ -19,7 +19,7 @@ from gateway.audit.log import AuditLog
 from gateway.crypto.dev_ca import peer_identities
 from gateway.errors import InvalidQuery, PolicyDenied, ReleaseRefused
 from gateway.policy.decision import decide
-from gateway.policy.model import Bundle
+from gateway.policy.holder import PolicyHolder
 from gateway.privacy.noise import MechanismName, add_noise, error95, satisfies
 from gateway.privacy.sensitivity import l1_sensitivity
 from gateway.query.form import parse_query
@@ -38,13 +38,15 @@ class SiloServicer(silo_service_pb2_grpc.SiloServiceServicer):
     def __init__(
         self,
         silo: str,
-        bundle: Bundle,
+        policy: PolicyHolder,
         engine: DuckDbEngine,
         release_log: AuditLog,
         gateway_identity: str,
     ) -> None:
         self.silo = silo
-        self.bundle = bundle
+        # Each request reads `policy.current` once: a reload never mixes two versions in one
+        # release, and the version checked against the plan is the one that computes it.
+        self.policy = policy
         self.engine = engine
         self.release_log = release_log
         self.gateway_identity = gateway_identity
@@ -60,10 +62,11 @@ class SiloServicer(silo_service_pb2_grpc.SiloServiceServicer):
         self, request: silo_service_pb2.DescribeRequest, context: grpc.aio.ServicerContext
     ) -> silo_service_pb2.DescribeResponse:
         self._require_gateway(context)
+        bundle = self.policy.current
         return silo_service_pb2.DescribeResponse(
             silo=self.silo,
-            policy_version=self.bundle.version,
-            datasets=sorted(self.bundle.datasets_of_silo(self.silo)),
+            policy_version=bundle.version,
+            datasets=sorted(bundle.datasets_of_silo(self.silo)),
             engine=self.engine.name,
         )
 
@@ -72,7 +75,7 @@ class SiloServicer(silo_service_pb2_grpc.SiloServiceServicer):
         self, request: silo_service_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> silo_service_pb2.ReleaseResponse:
         self._require_gateway(context)
-        bundle = self.bundle
+        bundle = self.policy.current
         if request.policy_version != bundle.version:
             raise ReleaseRefused(
                 "the gateway decided under another policy version than this silo holds",

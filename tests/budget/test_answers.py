@@ -85,50 +85,54 @@ def test_commit_without_a_cache_key_caches_nothing(ledger: PrivacyLedger) -> Non
     assert ledger.reserve(CONSUMER, "r1", DIGEST, []).stored_response == b"released answer"
 
 
-def test_a_free_answer_is_recorded_once_and_charges_nothing(ledger: PrivacyLedger) -> None:
-    first = ledger.record_free(CONSUMER, "r2", DIGEST, b"cached answer")
-    assert (first.state, first.is_replay) == ("new", False)
-    again = ledger.record_free(CONSUMER, "r2", DIGEST, b"a different cached answer")
-    assert again.is_replay
-    assert (again.state, again.stored_response) == ("committed", b"cached answer")
-    # The same request id through ``reserve`` is a replay of the free answer, not a new charge.
-    replay = ledger.reserve(CONSUMER, "r2", DIGEST, [ScopeCharge(MONTHLY, Fraction(1))])
-    assert replay.is_replay
-    assert replay.stored_response == b"cached answer"
-    assert ledger.balances([MONTHLY])[0].remaining == 1
-    assert ledger.verify() == {}
+def _cache_one_answer(ledger: PrivacyLedger) -> str:
+    key = ledger.cache_key(DIGEST, POLICY_V1, [MONTHLY])
+    ledger.reserve(CONSUMER, "r1", DIGEST, [ScopeCharge(MONTHLY, Fraction(1, 4))], cache_key=key)
+    ledger.commit(CONSUMER, "r1", b"released answer", cache_key=key)
+    return key
 
 
-def test_a_free_answer_under_a_used_request_id_with_another_query_is_a_conflict(
+def test_a_cached_answer_charges_nothing_and_replays(ledger: PrivacyLedger) -> None:
+    key = _cache_one_answer(ledger)
+    first = ledger.reserve(
+        CONSUMER, "r2", DIGEST, [ScopeCharge(MONTHLY, Fraction(1, 4))], cache_key=key
+    )
+    assert (first.state, first.is_replay, first.cached_answer) == ("new", False, b"released answer")
+    assert ledger.balances([MONTHLY])[0].spent == Fraction(1, 4)  # only the release was charged
+    assert ledger.balances([MONTHLY])[0].reserved == 0
+    ledger.commit(CONSUMER, "r2", b"cached copy")
+    again = ledger.reserve(
+        CONSUMER, "r2", DIGEST, [ScopeCharge(MONTHLY, Fraction(1, 4))], cache_key=key
+    )
+    assert again.is_replay and again.stored_response == b"cached copy"
+    assert again.cached_answer is None
+    assert ledger.verify() == {f"{MONTHLY.scope}@month:2026-11": (Fraction(1, 4), Fraction(0))}
+
+
+def test_a_cached_answer_under_a_used_request_id_with_another_query_is_a_conflict(
     ledger: PrivacyLedger,
 ) -> None:
-    ledger.record_free(CONSUMER, "r2", DIGEST, b"cached answer")
-    ledger.reserve(CONSUMER, "r3", DIGEST, [ScopeCharge(MONTHLY, Fraction(1, 4))])
-    for request_id in ("r2", "r3"):
-        with pytest.raises(RequestConflict) as info:
-            ledger.record_free(CONSUMER, request_id, "another-digest", b"other")
-        assert info.value.metadata == {"request_id": request_id}
-    # An open reservation under the id is returned, not replaced by a free answer.
-    open_one = ledger.record_free(CONSUMER, "r3", DIGEST, b"cached answer")
-    assert (open_one.state, open_one.stored_response) == ("reserved", None)
-    assert ledger.balances([MONTHLY])[0].reserved == Fraction(1, 4)
-    # Another consumer's request ids are its own.
-    assert not ledger.record_free("org-department", "r2", "another-digest", b"x").is_replay
+    key = _cache_one_answer(ledger)
+    with pytest.raises(RequestConflict) as info:
+        ledger.reserve(CONSUMER, "r1", "another-digest", [], cache_key=key)
+    assert info.value.metadata == {"request_id": "r1"}
+    # Another consumer's answers are not shared.
+    other = ledger.reserve("org-department", "r9", DIGEST, [], cache_key=key)
+    assert other.cached_answer is None
 
 
-def test_a_free_answer_after_a_cancelled_attempt_leaves_the_ledger_consistent(
+def test_a_cached_answer_after_a_cancelled_attempt_leaves_the_ledger_consistent(
     ledger: PrivacyLedger,
 ) -> None:
     """A query reserved, then cancelled (no silo released), then retried under the same request
-    id and answered from the cache. The cancelled attempt charged nothing, so the ledger must
-    still agree with itself: ``record_free`` has to drop the cancelled attempt's charges as
-    ``reserve`` does when it retries a cancelled id (before 917ba13 it replaced only the
-    reservation row, and ``verify()`` then counted the stale charges as spent).
-    """
+    id and answered from the cache: the cancelled attempt's charges must not linger."""
+    key = _cache_one_answer(ledger)
     ledger.reserve(CONSUMER, "r4", DIGEST, [ScopeCharge(MONTHLY, Fraction(1, 2))])
     ledger.cancel(CONSUMER, "r4")
-    assert ledger.verify() == {}
-    recorded = ledger.record_free(CONSUMER, "r4", DIGEST, b"cached answer")
-    assert not recorded.is_replay
-    assert ledger.balances([MONTHLY])[0].remaining == 1
-    assert ledger.verify() == {}
+    retried = ledger.reserve(
+        CONSUMER, "r4", DIGEST, [ScopeCharge(MONTHLY, Fraction(1, 2))], cache_key=key
+    )
+    assert retried.cached_answer == b"released answer"
+    ledger.commit(CONSUMER, "r4", b"cached copy")
+    assert ledger.balances([MONTHLY])[0].remaining == Fraction(3, 4)
+    assert ledger.verify() == {f"{MONTHLY.scope}@month:2026-11": (Fraction(1, 4), Fraction(0))}

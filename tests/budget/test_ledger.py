@@ -607,18 +607,23 @@ class LedgerMachine(RuleBasedStateMachine):
             self.model.requests[request_id] = request  # refused: the cancelled attempt stays
 
     @rule()
-    def record_free_answer(self) -> None:
+    def answer_from_cache(self) -> None:
+        """A charge-free query under one cache key: the first stores the answer, later ones get
+        it back; either way nothing is charged and the request is committed with its response."""
         request_id = self._fresh_id()
         now = self.clock.now
         response = f"cached-{request_id}".encode()
         try:
-            recorded = self.ledger.record_free(CONSUMER, request_id, "cached-query", response)
+            reservation = self.ledger.reserve(
+                CONSUMER, request_id, "cached-query", [], cache_key="cached-query-key"
+            )
         except LedgerUnavailable as err:
             assert self.model.clock_is_behind(now)
             assert err.reason == "LEDGER_CLOCK_BEHIND"
             return
         assert not self.model.clock_is_behind(now)
-        assert not recorded.is_replay
+        assert not reservation.is_replay
+        self.ledger.commit(CONSUMER, request_id, response, cache_key="cached-query-key")
         self.model.requests[request_id] = Request("cached-query", {}, "committed", response)
         self.model.recorded(now)
 

@@ -324,9 +324,9 @@ def test_a_clock_behind_the_ledger_is_refused_and_nothing_is_reserved(
         "latest": recorded.isoformat(),
     }
     assert ledger.balances([MONTHLY])[0].reserved == Fraction(1, 4)
-    # A free answer is not recorded from a clock that is behind either.
+    # A cached answer is not handed out from a clock that is behind either.
     with pytest.raises(LedgerUnavailable, match="clock is behind"):
-        ledger.record_free(CONSUMER, "free", "d3", b"cached")
+        ledger.reserve(CONSUMER, "free", "d3", [], cache_key="any")
     # A replay needs no clock: the client still gets its answer.
     assert ledger.reserve(CONSUMER, "first", "d1", []).state == "reserved"
 
@@ -343,7 +343,7 @@ def test_a_clock_behind_the_ledger_is_refused_and_nothing_is_reserved(
     assert not ledger.reserve(
         CONSUMER, "second", "d2", [ScopeCharge(MONTHLY, Fraction(1, 4))]
     ).is_replay
-    assert not ledger.record_free(CONSUMER, "free", "d3", b"cached").is_replay
+    assert not ledger.reserve(CONSUMER, "free", "d3", []).is_replay
     assert ledger.verify() == {f"{MONTHLY.scope}@month:2026-11": (Fraction(0), Fraction(1, 2))}
 
 

@@ -317,3 +317,21 @@ def test_noise_scale_error_matches_opendp_accuracy(system) -> None:
     assert plan.error95 == pytest.approx(50, rel=1e-6)
     assert plan.sensitivity == 5  # events.cases allows 5 rows per person
     assert math.isclose(result.epsilon, 5 / plan.scale, rel_tol=1e-9)
+
+
+def test_repeated_query_is_answered_from_the_cache_at_no_cost(system) -> None:
+    measures = [count("cached_members", "org.members", epsilon="0.5")]
+    with system.client("civil-affairs") as client:
+        first = client.query(purpose=ELDERLY, measures=measures, group_by=["community"])
+        spent = budget_spent(client)
+        preview = client.explain(purpose=ELDERLY, measures=measures, group_by=["community"])
+        assert preview.would_be_cached
+        second = client.query(purpose=ELDERLY, measures=measures, group_by=["community"])
+        assert budget_spent(client) == spent  # nothing charged
+    assert not first.cached and second.cached
+    assert second.rho == "0" and second.request_id != first.request_id
+    assert second.raw.groups == first.raw.groups  # the same noisy numbers, not a new draw
+    assert second.audit_sequence > first.audit_sequence
+    audit = (system.root / "state" / "audit" / "audit.jsonl").read_text().splitlines()
+    record = json.loads(audit[second.audit_sequence])
+    assert record["decision"] == "cached" and record["cached_from"] == first.audit_sequence

@@ -48,6 +48,7 @@ def problems(root: Path) -> list[str]:
 
 
 def test_demo_bundle_declares_datasets_consumers_rules_and_key_sets(demo_bundle: Bundle) -> None:
+    # The demo bundle grows with new rules and consumers; these are the ones the tests rely on.
     assert sorted(demo_bundle.datasets) == [
         "civil.residents",
         "civil.subsidies",
@@ -57,13 +58,13 @@ def test_demo_bundle_declares_datasets_consumers_rules_and_key_sets(demo_bundle:
         "org.activities",
         "org.members",
     ]
-    assert sorted(demo_bundle.consumers) == ["civil-affairs", "grid-centre", "org-department"]
-    assert sorted(demo_bundle.rules) == [
+    assert {"civil-affairs", "grid-centre", "org-department"} <= set(demo_bundle.consumers)
+    assert {
         "civil-elderly-care",
         "grid-casework",
         "no-health-data-to-org",
         "org-volunteer-planning",
-    ]
+    } <= set(demo_bundle.rules)
     communities = demo_bundle.key_sets["communities"]
     assert len(communities) == 200
     assert len(set(communities)) == 200
@@ -126,7 +127,8 @@ def test_unknown_key_is_reported_at_the_key(bundle_copy: Path, edit: Edit) -> No
     line = text.index("    max_rows: 3") + 1
     # The rejected dataset is then missing for the rules (see the cascade test below).
     assert problems(bundle_copy)[0] == (
-        f"datasets.yaml:{line}:5: dataset 'org.activities': unknown key 'max_rows'"
+        f"datasets.yaml:{line}:5: dataset 'org.activities': unknown key 'max_rows' "
+        "(did you mean 'max_rows_per_person'?)"
     )
 
 
@@ -141,16 +143,19 @@ def test_unknown_key_inside_a_flow_mapping_is_reported_at_the_key(
     )
     where = locate(datasets, "floating_member: {type: bool, colour", "colour")
     assert (where.line, where.column) != (0, 0)
-    assert problems(bundle_copy)[0] == f"{where}: dataset 'org.members': unknown key 'colour'"
+    assert problems(bundle_copy)[0] == (
+        f"{where}: dataset 'org.members'.columns.floating_member: unknown key 'colour' "
+        "(expected one of: type, key_set, bounds, resolution)"
+    )
 
 
 def test_wrong_type_is_reported_at_the_value(bundle_copy: Path, edit: Edit) -> None:
     datasets = bundle_copy / "datasets.yaml"
     edit(datasets, "max_rows_per_person: 12", "max_rows_per_person: many")
     where = locate(datasets, "max_rows_per_person: many", "many")
-    [problem] = problems(bundle_copy)
-    assert problem.startswith(f"{where}: dataset 'health.visits'.max_rows_per_person: ")
-    assert "integer" in problem
+    assert problems(bundle_copy) == [
+        f"{where}: dataset 'health.visits'.max_rows_per_person: expected an integer, got 'many'"
+    ]
 
 
 def test_yaml_syntax_error_has_a_position(bundle_copy: Path) -> None:
@@ -170,8 +175,9 @@ def test_duplicate_name_across_files(bundle_copy: Path) -> None:
         "consumers:\n  civil-affairs:\n    identity: spiffe://x\n    purposes: [anything]\n",
         encoding="utf-8",
     )
+    first = locate(bundle_copy / "consumers.yaml", "  civil-affairs:", "civil")
     assert problems(bundle_copy) == [
-        "zz_more.yaml:2:3: consumers 'civil-affairs' is already declared in consumers.yaml"
+        f"zz_more.yaml:2:3: consumer 'civil-affairs' is already declared at {first}"
     ]
 
 
@@ -183,8 +189,10 @@ def test_duplicate_key_within_a_mapping_is_a_yaml_error(bundle_copy: Path, edit:
         "    purposes: [casework-monitoring]\n    identity: again\n",
     )
     where = locate(consumers, "identity: again", "identity")
-    problem = problems(bundle_copy)[0]
-    assert problem.startswith(f'{where}: YAML: found duplicate key "identity"')
+    first = locate(consumers, "consumer/grid-centre", "identity")
+    assert problems(bundle_copy) == [
+        f"{where}: YAML: duplicate key 'identity' (first written on line {first.line})"
+    ]
 
 
 def test_dangling_population_reference(bundle_copy: Path, edit: Edit) -> None:
@@ -194,7 +202,7 @@ def test_dangling_population_reference(bundle_copy: Path, edit: Edit) -> None:
         "population: city-residents\n    max_rows_per_person: 24",
         "population: nobody\n    max_rows_per_person: 24",
     )
-    where = locate(datasets, "  civil.subsidies:", "civil.subsidies")
+    where = locate(datasets, "population: nobody", "nobody")
     assert problems(bundle_copy) == [
         f"{where}: dataset 'civil.subsidies': unknown population 'nobody'"
     ]
@@ -207,54 +215,61 @@ def test_dangling_key_set_reference(bundle_copy: Path, edit: Edit) -> None:
         "community: {type: category, key_set: communities}\n      condition",
         "community: {type: category, key_set: comunities}\n      condition",
     )
-    where = locate(datasets, "  health.chronic:", "health.chronic")
+    where = locate(datasets, "key_set: comunities", "comunities")
     assert problems(bundle_copy) == [
-        f"{where}: dataset 'health.chronic' column 'community': unknown key set 'comunities'"
+        f"{where}: dataset 'health.chronic' column 'community': unknown key set 'comunities' "
+        "(did you mean 'communities'?)"
     ]
 
 
 def test_rule_that_matches_no_consumer(bundle_copy: Path, edit: Edit) -> None:
     rules = bundle_copy / "rules.yaml"
     edit(rules, "consumers: [grid-centre]", "consumers: [grid-center]")
-    where = locate(rules, "  grid-casework:", "grid-casework")
-    assert problems(bundle_copy) == [f"{where}: rule 'grid-casework' matches no declared consumer"]
+    where = locate(rules, "consumers: [grid-center]", "grid-center")
+    assert problems(bundle_copy) == [
+        f"{where}: rule 'grid-casework': 'grid-center' matches no declared consumer "
+        "(did you mean 'grid-centre'?)"
+    ]
 
 
 def test_rule_that_matches_no_dataset(bundle_copy: Path, edit: Edit) -> None:
     rules = bundle_copy / "rules.yaml"
     edit(rules, 'datasets: ["health.*"]', 'datasets: ["hospital.*"]')
-    where = locate(rules, "  no-health-data-to-org:", "no-health")
+    where = locate(rules, 'datasets: ["hospital.*"]', '"hospital')
     assert problems(bundle_copy) == [
-        f"{where}: rule 'no-health-data-to-org' matches no declared dataset"
+        f"{where}: rule 'no-health-data-to-org': 'hospital.*' matches no declared dataset"
     ]
 
 
 def test_rule_granting_an_undeclared_column(bundle_copy: Path, edit: Edit) -> None:
     rules = bundle_copy / "rules.yaml"
     edit(rules, "filterable: [category, opened]", "filterable: [category, opened, salary]")
-    where = locate(rules, "  grid-casework:", "grid-casework")
+    where = locate(rules, "filterable: [category, opened, salary]", "salary")
     assert problems(bundle_copy) == [
-        f"{where}: rule 'grid-casework' grants column 'salary' that no matching dataset declares"
+        f"{where}: rule 'grid-casework': no dataset it matches declares column 'salary'"
     ]
 
 
 def test_permit_rule_without_budget(bundle_copy: Path, edit: Edit) -> None:
     rules = bundle_copy / "rules.yaml"
     edit(rules, '    budget: {epsilon: "6", period: lifetime}\n', "")
-    # The rule's own mapping starts with its first key, 'description'.
-    description = locate(rules, "The grid centre may count cases", "description")
+    # Reported at 'effect: permit', the reason why the rule needs a budget.
+    lines = rules.read_text(encoding="utf-8").splitlines()
+    effect = lines.index("  grid-casework:") + 3
+    assert lines[effect - 1] == "    effect: permit"
     assert problems(bundle_copy) == [
-        f"{description}: rule 'grid-casework': a permit rule needs a 'budget'"
+        f"rules.yaml:{effect}:5: rule 'grid-casework': a permit rule needs a 'budget'"
     ]
 
 
 def test_budget_with_both_epsilon_and_rho(bundle_copy: Path, edit: Edit) -> None:
     populations = bundle_copy / "populations.yaml"
     edit(populations, 'budget: {epsilon: "40",', 'budget: {epsilon: "40", rho: "2",')
-    where = locate(populations, "budget: {epsilon", "{")
-    assert problems(bundle_copy)[0] == (
-        f"{where}: population 'city-residents'.budget: give exactly one of 'epsilon' or 'rho'"
-    )
+    where = locate(populations, "budget: {epsilon", "rho")
+    assert problems(bundle_copy) == [
+        f"{where}: population 'city-residents'.budget: "
+        "give exactly one of 'epsilon' or 'rho', not both"
+    ]
 
 
 def test_a_rejected_declaration_causes_no_false_reports_about_its_users(
@@ -272,8 +287,49 @@ def test_a_rejected_declaration_causes_no_false_reports_about_its_users(
     )
     assert problems(bundle_copy) == [
         f"{locate(datasets, '    max_rows: 3', 'max_rows')}: "
-        "dataset 'org.activities': unknown key 'max_rows'"
+        "dataset 'org.activities': unknown key 'max_rows' (did you mean 'max_rows_per_person'?)"
     ]
+
+
+def test_every_duplicate_key_is_reported_and_the_rest_of_the_file_still_checked(
+    bundle_copy: Path, edit: Edit
+) -> None:
+    consumers = bundle_copy / "consumers.yaml"
+    edit(
+        consumers,
+        "    purposes: [casework-monitoring]\n",
+        "    purposes: [casework-monitoring]\n    identity: again\n    purposes: [again]\n"
+        "    colour: red\n",
+    )
+    first = locate(consumers, "consumer/grid-centre", "identity").line
+    assert problems(bundle_copy) == [
+        f"{locate(consumers, 'identity: again', 'identity')}: "
+        f"YAML: duplicate key 'identity' (first written on line {first})",
+        f"{locate(consumers, 'purposes: [again]', 'purposes')}: "
+        f"YAML: duplicate key 'purposes' (first written on line {first + 1})",
+        f"{locate(consumers, 'colour: red', 'colour')}: "
+        "consumer 'grid-centre': unknown key 'colour' (expected one of: description, identity, "
+        "purposes)",
+    ]
+
+
+def test_sources_point_at_each_declaration_name(demo_bundle: Bundle) -> None:
+    """Tools (warnings, explanations) point into the files through ``Bundle.sources``."""
+    assert set(demo_bundle.sources) == {
+        f"{section}/{name}"
+        for section, names in (
+            ("populations", demo_bundle.populations),
+            ("key_sets", demo_bundle.key_sets),
+            ("datasets", demo_bundle.datasets),
+            ("consumers", demo_bundle.consumers),
+            ("rules", demo_bundle.rules),
+        )
+        for name in names
+    }
+    rules = DEMO_BUNDLE / "rules.yaml"
+    assert demo_bundle.sources["rules/grid-casework"] == locate(rules, "  grid-casework:", "grid")
+    communities = locate(DEMO_BUNDLE / "key_sets.yaml", "  communities:", "communities")
+    assert demo_bundle.sources["key_sets/communities"] == communities
 
 
 def test_missing_folder_is_one_problem(tmp_path: Path) -> None:
@@ -315,23 +371,28 @@ def break_in_several_places(root: Path, edit: Edit) -> list[str]:
         encoding="utf-8",
     )
     unknown_key = locate(datasets, "    max_rows: 3", "max_rows")
-    both_amounts = locate(rules, 'budget: {epsilon: "8", rho', "{")
+    both_amounts = locate(rules, 'budget: {epsilon: "8", rho', "rho")
+    first_civil_affairs = locate(root / "consumers.yaml", "  civil-affairs:", "civil")
+    hospital = locate(rules, 'datasets: ["hospital.*"]', '"hospital')
     return [
-        f"{unknown_key}: dataset 'org.activities': unknown key 'max_rows'",
+        f"{unknown_key}: dataset 'org.activities': unknown key 'max_rows' "
+        "(did you mean 'max_rows_per_person'?)",
         "extra.yaml:2:24: YAML: expected ',' or ']', but got '}'",
         f"{both_amounts}: rule 'org-volunteer-planning'.budget: "
-        "give exactly one of 'epsilon' or 'rho'",
-        "zz_more.yaml:2:3: consumers 'civil-affairs' is already declared in consumers.yaml",
-        f"{locate(datasets, '  civil.subsidies:', 'civil')}: "
+        "give exactly one of 'epsilon' or 'rho', not both",
+        f"zz_more.yaml:2:3: consumer 'civil-affairs' is already declared at {first_civil_affairs}",
+        f"{locate(datasets, 'population: nobody', 'nobody')}: "
         "dataset 'civil.subsidies': unknown population 'nobody'",
-        f"{locate(datasets, '  health.chronic:', 'health')}: "
-        "dataset 'health.chronic' column 'community': unknown key set 'comunities'",
-        f"{locate(rules, '  civil-elderly-care:', 'civil')}: "
-        "rule 'civil-elderly-care' grants column 'income' that no matching dataset declares",
-        f"{locate(rules, '  grid-casework:', 'grid')}: "
-        "rule 'grid-casework' matches no declared consumer",
-        f"{locate(rules, '  no-health-data-to-org:', 'no-health')}: "
-        "rule 'no-health-data-to-org' matches no declared dataset",
+        f"{locate(datasets, 'key_set: comunities', 'comunities')}: "
+        "dataset 'health.chronic' column 'community': unknown key set 'comunities' "
+        "(did you mean 'communities'?)",
+        f"{locate(rules, 'filterable: [income, low_income', 'income')}: "
+        "rule 'civil-elderly-care': no dataset it matches declares column 'income' "
+        "(did you mean 'low_income'?)",
+        f"{locate(rules, 'consumers: [grid-center]', 'grid')}: "
+        "rule 'grid-casework': 'grid-center' matches no declared consumer "
+        "(did you mean 'grid-centre'?)",
+        f"{hospital}: rule 'no-health-data-to-org': 'hospital.*' matches no declared dataset",
     ]
 
 
@@ -355,7 +416,11 @@ def test_cli_policy_check_accepts_the_demo_bundle(
 ) -> None:
     assert main(["policy", "check", str(DEMO_BUNDLE)]) == 0
     out, err = capsys.readouterr()
-    assert out == (f"ok: 7 datasets, 3 consumers, 4 rules; policy version {demo_bundle.version}\n")
+    counts = (len(demo_bundle.datasets), len(demo_bundle.consumers), len(demo_bundle.rules))
+    assert out == (
+        f"ok: {counts[0]} datasets, {counts[1]} consumers, {counts[2]} rules; "
+        f"policy version {demo_bundle.version}\n"
+    )
     assert err == ""
 
 

@@ -76,7 +76,8 @@ def test_concurrent_queries_never_overspend(data_dir: Path, pki, tmp_path: Path)
         try:
             result = clients[consumer].query(
                 purpose=purpose,
-                measures=[count("n", dataset, epsilon=str(float(EPSILON)))],
+                # A distinct measure id per query: identical queries would be answered from the cache.
+                measures=[count(f"n{i}", dataset, epsilon=str(float(EPSILON)))],
                 request_id=f"race-{i}",
             )
             assert Fraction(result.rho) == COST

@@ -112,7 +112,13 @@ def test_sigkill_under_load_never_undercharges(data_dir: Path, pki, tmp_path: Pa
                         try:
                             result = client.query(
                                 purpose="casework-monitoring",
-                                measures=[count("n", "events.cases", epsilon="0.1")],
+                                measures=[
+                                    count(
+                                        f"n_{round_number}_{worker}_{sequence}",
+                                        "events.cases",
+                                        epsilon="0.1",
+                                    )
+                                ],
                                 request_id=request_id,
                             )
                         except ClientError:
