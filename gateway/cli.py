@@ -46,7 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
             silo_config = load_config(args.config, SiloConfig).model_copy(update=overrides)
             process = await start_silo(silo_config)  # type: ignore[assignment]
         write_port_file(args.port_file, process.port)
-        await serve_until_signalled(process.running)
+        await serve_until_signalled(process)
 
     asyncio.run(run())
     return 0

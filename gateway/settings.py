@@ -56,6 +56,8 @@ class GatewayConfig(_Config):
     silo_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
     policy_verify_key: Path | None = None
     policy_reload_seconds: ReloadSeconds = 2.0
+    # Refreshing budget periods (day, month, quarter, year) are calendar windows of this zone.
+    time_zone: str = "UTC"
 
 
 class SiloConfig(_Config):

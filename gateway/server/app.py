@@ -49,7 +49,7 @@ async def start_gateway(config: GatewayConfig) -> GatewayProcess:
         logger=log,
         on_refuse=lambda err: _audit_refusal(audit, policy, err),
     )
-    ledger = PrivacyLedger(config.ledger)
+    ledger = PrivacyLedger(config.ledger, time_zone=config.time_zone)
     servicer = QueryServicer(
         policy, ledger, audit, SiloClients(config.silos, tls), config.silo_timeout_seconds
     )

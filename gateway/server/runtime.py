@@ -13,6 +13,7 @@ import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -78,12 +79,22 @@ def write_port_file(path: Path | None, port: int) -> None:
     tmp.replace(path)
 
 
-async def serve_until_signalled(running: RunningServer, grace: float = 5.0) -> None:
-    """Serve until SIGTERM/SIGINT, then shut down gracefully."""
+class Stoppable(Protocol):
+    """A process (gateway or silo) that drains its server and closes what it holds."""
+
+    @property
+    def port(self) -> int: ...
+
+    async def stop(self, grace: float = 5.0) -> None: ...
+
+
+async def serve_until_signalled(process: Stoppable, grace: float = 5.0) -> None:
+    """Serve until SIGTERM/SIGINT, then shut down gracefully: drain in-flight calls, then close
+    the ledger, the logs and the channels the process holds."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down", extra={"port": running.port})
-    await running.stop(grace)
+    log.info("shutting down", extra={"port": process.port})
+    await process.stop(grace)

@@ -378,17 +378,22 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         size = request.page_size or _DEFAULT_PAGE
         visible = []
         for name, dataset in sorted(bundle.datasets.items()):
-            rules = [
+            matching = [
                 r
                 for r in bundle.rules.values()
-                if r.effect == "permit"
-                and r.applies_to_consumer(consumer)
-                and r.applies_to_dataset(name)
+                if r.applies_to_consumer(consumer) and r.applies_to_dataset(name)
             ]
-            if not rules:
+            rules = [r for r in matching if r.effect == "permit"]
+            # A forbid without measure or purpose limits takes the columns it names away, or the
+            # whole dataset when it names none: don't offer what would always be denied.
+            blanket = [
+                r for r in matching if r.effect == "forbid" and not r.measures and not r.purposes
+            ]
+            if not rules or any(not r.group_by and not r.filterable for r in blanket):
                 continue
-            group_by = {g for r in rules for g in r.group_by}
-            filterable = {f for r in rules for f in r.filterable}
+            hidden = {c for r in blanket for c in (*r.group_by, *r.filterable)}
+            group_by = {g for r in rules for g in r.group_by} - hidden
+            filterable = {f for r in rules for f in r.filterable} - hidden
             visible.append(
                 query_service_pb2.DatasetInfo(
                     name=name,

@@ -335,3 +335,11 @@ def test_repeated_query_is_answered_from_the_cache_at_no_cost(system) -> None:
     audit = (system.root / "state" / "audit" / "audit.jsonl").read_text().splitlines()
     record = json.loads(audit[second.audit_sequence])
     assert record["decision"] == "cached" and record["cached_from"] == first.audit_sequence
+
+
+def test_list_datasets_leaves_out_what_a_forbid_always_denies(system) -> None:
+    with system.client("health-commission") as client:
+        names = {d.name for d in client.datasets()}
+    assert "health.chronic" in names
+    assert "civil.subsidies" not in names  # permitted by a pattern, forbidden outright
+    assert not any(name.startswith("org.") for name in names)
