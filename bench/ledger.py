@@ -1,7 +1,8 @@
 """Reserve+commit throughput of the privacy ledger with durability on (WAL, ``synchronous=FULL``).
 
 Each query reserves in two scopes (a monthly grant and a lifetime population) and commits, as
-the gateway does: two durable transactions per query. Baseline, measured in the same run on
+the gateway does: two transactions per query, the reservation fsynced, the commit not (a lost
+commit leaves the reservation charged, see ``gateway/budget/ledger.py``). Baseline, measured in the same run on
 another file with the same settings: plain single-row ``INSERT`` + ``COMMIT`` transactions, one
 per query, so the ratio shows what the ledger costs beyond the fsyncs SQLite needs anyway. A
 second measurement on top of a history of earlier reservations shows that a reservation costs
@@ -99,5 +100,5 @@ def run(queries: int = QUERIES, history: int = HISTORY) -> None:
         f"ratio={aged / plain:4.2f}, {aged / fresh:4.2f} of fresh "
         f"(history written at {filled:,.0f}/s)\n"
         f"ledger   medians of {ROUNDS} rounds of {queries:,}; 2 scopes per query; "
-        f"WAL, synchronous=FULL\n"
+        f"WAL; reservations synchronous=FULL, commits without their own fsync\n"
     )
