@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from fractions import Fraction
 
 from gateway.api.v1 import query_pb2, query_service_pb2
 from gateway.budget.ledger import Balance
+from gateway.privacy.conversions import epsilon_at_delta
 from gateway.server.planning import MeasurePlanning
 
 MECHANISM_NUMBERS = {
@@ -15,22 +15,11 @@ MECHANISM_NUMBERS = {
 }
 
 
-def epsilon_for(rho: Fraction, delta: Fraction) -> float:
-    """Epsilon for reports. At delta 0: the pure-DP epsilon whose zCDP cost is rho
-    (sqrt(2 rho)); at delta > 0: the standard zCDP to (epsilon, delta) conversion
-    rho + 2 sqrt(rho ln(1/delta))."""
-    if rho <= 0:
-        return 0.0
-    if delta == 0:
-        return math.sqrt(2 * float(rho))
-    return float(rho) + 2 * math.sqrt(float(rho) * math.log(1 / float(delta)))
-
-
 def privacy_cost(rho: Fraction, delta: Fraction = Fraction(0)) -> query_pb2.PrivacyCost:
     return query_pb2.PrivacyCost(
         rho=f"{rho.numerator}/{rho.denominator}" if rho.denominator != 1 else str(rho.numerator),
         rho_value=float(rho),
-        epsilon=epsilon_for(rho, delta),
+        epsilon=epsilon_at_delta(rho, delta),
         delta=float(delta),
     )
 
