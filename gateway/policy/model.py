@@ -165,6 +165,9 @@ class Rule(_Strict):
     # Answer a repeated identical query (same consumer, policy version and budget windows) from
     # the earlier release at no cost. Off only when callers need fresh noise each time.
     cache_answers: Annotated[bool, Field(strict=True)] = True
+    # Whether group keys may come from the data (released only above a DP threshold, which needs
+    # a delta > 0) instead of a public key set. Off by default: keys reveal who is in the data.
+    allow_data_dependent_keys: Annotated[bool, Field(strict=True)] = False
 
     @model_validator(mode="after")
     def _permit_has_budget(self) -> Rule:
