@@ -378,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument("directory", type=Path)
     sign.add_argument("--key", type=Path, required=True, help="private signing key")
     sign.set_defaults(handler=_policy_sign)
+
+    from gateway.audit.cli import register_audit_commands
+
+    register_audit_commands(commands)
     return parser
 
 

@@ -9,9 +9,11 @@ file-system paths of a server or stack traces.
     ├── InvalidQuery             INVALID_QUERY, UNKNOWN_DATASET, MEASURE_NOT_SUPPORTED, ... (+ field violations)
     ├── Unauthenticated          CERTIFICATE_REQUIRED, UNKNOWN_CONSUMER, CALLER_NOT_GATEWAY
     ├── PolicyDenied             POLICY_DENIED, PURPOSE_NOT_ALLOWED, EPSILON_CAP_EXCEEDED
+    ├── DeadlineTooShort         DEADLINE_TOO_SHORT (the caller's deadline cannot fit a silo round trip)
     ├── BudgetExhausted          PRIVACY_BUDGET_EXHAUSTED
+    ├── TooManyRequests          TOO_MANY_REQUESTS (per-consumer concurrency limit)
     ├── ReleaseRefused           PLAN_REFUSED, POLICY_VERSION_MISMATCH (a silo refused the plan)
-    ├── SiloUnavailable          SILO_UNAVAILABLE (with whether budget was spent)
+    ├── SiloUnavailable          SILO_UNAVAILABLE, SILO_RESPONSE_INVALID (with whether budget was spent)
     ├── LedgerUnavailable        LEDGER_UNAVAILABLE, LEDGER_CLOCK_BEHIND, RESERVATION_NOT_OPEN,
     │                            LEDGER_INCONSISTENT (all fail closed: no release)
     ├── RequestConflict          REQUEST_ID_REUSED
@@ -68,6 +70,18 @@ class PolicyDenied(SilogateError):
     """The policy does not allow the query."""
 
     default_reason = "POLICY_DENIED"
+
+
+class DeadlineTooShort(SilogateError):
+    """The caller's remaining deadline cannot fit the silo round trip; nothing was reserved."""
+
+    default_reason = "DEADLINE_TOO_SHORT"
+
+
+class TooManyRequests(SilogateError):
+    """The caller already has as many requests in flight as it may; nothing was reserved."""
+
+    default_reason = "TOO_MANY_REQUESTS"
 
 
 class BudgetExhausted(SilogateError):

@@ -45,6 +45,55 @@ class SiloEndpoint(_Config):
     server_name: str | None = None
 
 
+# The metrics endpoint is plain HTTP without authentication: loopback only, for a local scraper
+# (or a sidecar that adds TLS).
+LoopbackAddress = Annotated[
+    str, Field(pattern=r"^(127\.\d{1,3}\.\d{1,3}\.\d{1,3}|localhost|\[::1\]):\d{1,5}$")
+]
+
+
+class GatewayLimits(_Config):
+    """Caps on what one request may ask for and on how many a consumer may have in flight.
+
+    Every cap refuses before any budget is reserved (docs/gateway-operators.md)."""
+
+    # Larger requests are refused by gRPC itself (RESOURCE_EXHAUSTED) before they are parsed.
+    max_request_bytes: Annotated[int, Field(ge=4096, le=64 * 1024 * 1024)] = 1024 * 1024
+    max_measures: Annotated[int, Field(ge=1, le=256)] = 16
+    max_filters_per_measure: Annotated[int, Field(ge=0, le=256)] = 32
+    # The query parser's own hard cap is 1000 values per IN list.
+    max_in_values: Annotated[int, Field(ge=1, le=1000)] = 1000
+    # Groups of one answer: the product of the group-by key-set sizes.
+    max_groups: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    # Values of one answer (groups x measures): keeps an answer well below the 4 MiB that gRPC
+    # clients accept by default.
+    max_values: Annotated[int, Field(ge=1, le=1_000_000)] = 20_000
+    max_in_flight_per_consumer: Annotated[int, Field(ge=1, le=10_000)] = 8
+    # The least time a silo round trip needs; a RunQuery whose remaining deadline (after the
+    # gateway's own margin) is shorter is refused with DEADLINE_TOO_SHORT before reserving.
+    min_silo_seconds: Annotated[float, Field(gt=0, le=60)] = 0.2
+
+
+class AuditLogSettings(_Config):
+    """Checkpoint signing and segment rotation of an audit log (gateway log or silo release log).
+
+    Without ``signing_key`` the records are still chained in the Merkle tree but no checkpoint
+    is signed (a warning at start-up): auditors can then prove nothing against a signed root.
+    """
+
+    # Ed25519 private key (PEM) from `silogate audit keygen`; auditors get the public half.
+    signing_key: Path | None = None
+    # The checkpoint origin line (the log's name); by default silogate/gateway or
+    # silogate/silo/<name>.
+    origin: Annotated[str, Field(pattern=r"^[^\s+]{1,256}$")] | None = None
+    checkpoint_every_records: Annotated[int, Field(ge=1, le=10_000_000)] = 1000
+    checkpoint_every_seconds: Annotated[float, Field(gt=0, le=86_400)] = 60.0
+    segment_max_bytes: Annotated[int, Field(ge=4096, le=1 << 30)] = 64 << 20
+    segment_max_seconds: Annotated[float, Field(gt=0, le=366 * 86_400)] = 86_400.0
+    # A larger record is refused at append time (the request fails; nothing is released).
+    max_record_bytes: Annotated[int, Field(ge=1024, le=64 << 20)] = 1 << 20
+
+
 class GatewayConfig(_Config):
     listen: Address = "127.0.0.1:50051"
     tls: TlsConfig
@@ -58,6 +107,10 @@ class GatewayConfig(_Config):
     policy_reload_seconds: ReloadSeconds = 2.0
     # Refreshing budget periods (day, month, quarter, year) are calendar windows of this zone.
     time_zone: str = "UTC"
+    limits: GatewayLimits = GatewayLimits()
+    # Prometheus text endpoint (GET /metrics); off unless set, e.g. "127.0.0.1:9464".
+    metrics_listen: LoopbackAddress | None = None
+    audit_log: AuditLogSettings = AuditLogSettings()
 
 
 class SiloConfig(_Config):
@@ -71,6 +124,7 @@ class SiloConfig(_Config):
     reflection: bool = False
     policy_verify_key: Path | None = None
     policy_reload_seconds: ReloadSeconds = 2.0
+    audit_log: AuditLogSettings = AuditLogSettings()
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -84,6 +138,7 @@ _PATH_KEYS = {
     "audit",
     "database",
     "release_log",
+    "signing_key",
 }
 
 

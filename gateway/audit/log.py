@@ -1,55 +1,681 @@
-"""Append-only audit records as JSON Lines, durable before the caller gets an answer.
+"""The audit log writer: durable records in a Merkle tree, segments, signed checkpoints.
 
-Each record gets the next sequence number and is written with ``fsync`` before ``append``
-returns. The Merkle tree, checkpoints and proofs (RFC 6962/9162) build on this stream without
-changing the record format. Application logs are not the audit log.
+``append(kind, fields)`` gives the record the next sequence number (its leaf index), writes it as
+one canonical (RFC 8785) JSON line to the current segment, adds its leaf hash to the in-memory
+Merkle frontier (O(log n)), and returns only once the line is on disk (``fdatasync``). Concurrent
+appends share one sync ("group commit"): while one thread syncs, others write their lines and
+then wait for the next sync, which covers them all. Durability before the answer is unchanged;
+only the number of syncs per record falls under load. The on-disk layout is described in
+:mod:`gateway.audit.store`.
+
+Segments rotate when the next record would make the current one larger than
+``segment_max_bytes`` or it is older than ``segment_max_seconds``; the new segment's
+``.start.json`` holds the frontier and a checkpoint signed for exactly that size, so older
+segments can be archived while proofs for later records still work.
+
+Checkpoints are signed every ``checkpoint_every_records`` records or ``checkpoint_every_seconds``
+seconds, also when nothing happened (the same size and root are signed again and re-published),
+at rotation and on close. Each note is appended durably to ``checkpoints.jsonl`` before
+``checkpoint`` is replaced, and the log refuses to sign a root for a size that already has a
+different one.
+
+Start-up checks only the tail: the last segment is re-hashed from its persisted frontier
+(bounded by the segment size, not the log size) and compared with the latest checkpoint. A last
+line without a newline is a write cut short by a crash; its ``fdatasync`` never returned, so no
+caller was told of it: it is truncated and a warning is logged. Any other damage refuses the
+start with one line naming file and line.
+
+This module never returns from ``append`` before the record is durable, never rewrites or
+deletes a complete record, never writes two records with one sequence number, and never signs a
+checkpoint covering records that are not yet durable. Application logs are not the audit log.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import datetime as dt
-import json
+import fcntl
+import logging
+import math
 import os
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.errors import ConfigurationError
+from gateway.audit import jcs
+from gateway.audit.checkpoint import (
+    MAX_NOTE_BYTES,
+    Checkpoint,
+    CheckpointError,
+    CheckpointSigner,
+    load_signing_key,
+    open_checkpoint,
+    parse_body,
+)
+from gateway.audit.errors import AuditLogCorrupt, AuditRecordTooLarge, AuditUnavailable
+from gateway.audit.merkle import CompactAppender, Frontier, leaf_hash
+from gateway.audit.store import (
+    CHECKPOINTS_FILE,
+    DEFAULT_MAX_LINE_BYTES,
+    LATEST_CHECKPOINT_FILE,
+    LOCK_FILE,
+    Line,
+    Segment,
+    SegmentStart,
+    list_segments,
+    read_segment_start,
+    scan_lines,
+    segment_name,
+    start_name,
+)
+
+if TYPE_CHECKING:
+    from gateway.settings import AuditLogSettings
+
+_sync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+_RESERVED = frozenset({"seq", "time", "kind"})
+_log = logging.getLogger("silogate.audit")
+
+
+@dataclass(frozen=True)
+class AuditLogOptions:
+    """Limits and schedules of one log (``gateway.settings.AuditSettings`` builds these)."""
+
+    max_record_bytes: int = 1 << 20
+    segment_max_bytes: int = 64 << 20
+    segment_max_seconds: float = 86_400.0
+    checkpoint_every_records: int = 1000
+    checkpoint_every_seconds: float = 60.0
+
+
+def _now_text() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+class _Size:
+    """A running estimate of a record's encoded size (at least the characters of its text)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+
+def _jsonable(value: object, size: _Size) -> object:
+    """Record fields as JSON values; other types (Fraction, Decimal, Path, times) as text.
+
+    Callers have always been able to pass such values (the log used ``default=str``); turning
+    them into text here keeps every record writable, so no outcome escapes the log on a type.
+    """
+    kind = type(value)
+    size.total += 8
+    if kind is str:
+        size.total += len(value)  # type: ignore[arg-type]
+        return value
+    if value is None or kind is bool or kind is int:
+        return value
+    if kind is float:
+        return value if math.isfinite(value) else str(value)  # type: ignore[arg-type]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v, size) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v, size) for v in value]
+    if isinstance(value, str | int):  # subclasses (enums) as their plain value
+        return _jsonable(str(value) if isinstance(value, str) else int(value), size)
+    if isinstance(value, float):
+        return _jsonable(float(value), size)
+    if isinstance(value, Fraction | Decimal):
+        return str(value)
+    return str(value)
+
+
+def _scrub(value: object) -> object:
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_scrub(k): _scrub(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Write ``path`` atomically and durably (temporary file, fsync, rename, fsync folder)."""
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    _fsync_directory(path.parent)
 
 
 class AuditLog:
-    """One file ``audit.jsonl`` in a directory; sequence numbers start at 0."""
+    """The audit log in one directory; sequence numbers start at 0 and never repeat."""
 
-    FILE_NAME = "audit.jsonl"
-
-    def __init__(self, directory: Path) -> None:
-        self.path = Path(directory) / self.FILE_NAME
-        self._lock = threading.Lock()
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        signer: CheckpointSigner | None = None,
+        options: AuditLogOptions | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.directory = Path(directory)
+        self.signer = signer
+        self.options = options or AuditLogOptions()
+        self._clock = clock
+        self._lock = threading.Lock()  # record order, the frontier, files
+        self._synced = threading.Condition()  # group commit: who syncs, how far is durable
+        self._syncing = False
+        self._durable = 0
+        self._failure: str | None = None
+        self._closed = False
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._last_checkpoint: Checkpoint | None = None
+        self._last_note: str | None = None
+        self._last_checkpoint_at = clock()
+        self._key_rotated = False
+        self._lock_fd = -1
+        self._fd = -1
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a+b") as handle:
-                handle.seek(0)
-                self._next = sum(1 for _ in handle)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = self._take_lock()
+            self._recover()
+            if self._key_rotated and self.signer is not None:
+                self.append(
+                    "checkpoint_key_rotated",
+                    {"origin": self.signer.origin, "key_id": self.signer.key_id},
+                )
+            if self.signer is not None:
+                # Sign what was recovered straight away: a log always has a checkpoint, and a
+                # tail that cannot be signed (another root for a signed size) stops the start.
+                self.checkpoint()
         except OSError as err:
-            raise ConfigurationError(
-                f"cannot open the audit log: {err.strerror}", reason="AUDIT_UNAVAILABLE"
+            self._release()
+            raise AuditUnavailable(
+                f"cannot open the audit log: {err.strerror}", metadata={"error": err.strerror}
             ) from err
+        except BaseException:
+            self._release()
+            raise
+
+    # -- opening ----------------------------------------------------------------------------
+
+    def _take_lock(self) -> int:
+        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            # Two writers would give two records one sequence number.
+            raise AuditUnavailable(
+                "the audit log is in use by another process", reason="AUDIT_LOG_IN_USE"
+            ) from None
+        return fd
+
+    def _recover(self) -> None:
+        segments = list_segments(self.directory)
+        if not segments:
+            if (self.directory / "audit.jsonl").exists():
+                raise AuditLogCorrupt(
+                    "audit.jsonl is a log in the format before Merkle trees; move it to an "
+                    "archive to start a new log",
+                    metadata={"file": "audit.jsonl"},
+                )
+            self._appender = CompactAppender(Frontier(0))
+            self._open_segment(0, Frontier(0), None)
+            self._durable = 0
+            self._load_latest_checkpoint()
+            return
+        segment = segments[-1]
+        start = read_segment_start(segment)
+        self._check_start(segment, start)
+        latest = self._load_latest_checkpoint()
+        appender = CompactAppender(start.frontier)
+        roots = {appender.size: appender.root()}
+        end = 0
+        opened = self._clock()
+        # Read with the reader's limit, not this process's: records written under a higher
+        # configured limit are still records.
+        for line in scan_lines(segment.path, DEFAULT_MAX_LINE_BYTES):
+            if not line.terminated:
+                self._truncate_torn(segment, line)
+                break
+            if line.data is None or not jcs.is_canonical(line.data):
+                raise AuditLogCorrupt(
+                    f"{segment.name}:{line.number}: not a canonical JSON record; the log tail "
+                    "cannot be verified (run 'silogate audit verify')",
+                    metadata={"file": segment.name, "line": line.number},
+                )
+            record = jcs.parse(line.data)
+            if not isinstance(record, dict) or record.get("seq") != appender.size:
+                raise AuditLogCorrupt(
+                    f"{segment.name}:{line.number}: expected sequence number {appender.size}",
+                    metadata={"file": segment.name, "line": line.number},
+                )
+            if appender.size == start.first:
+                # A segment's age counts from its first record (a time the tree covers).
+                opened = self._record_time(record.get("time"))
+            appender.append(leaf_hash(line.data))
+            if latest is not None and appender.size == latest.size:
+                roots[latest.size] = appender.root()
+            end = line.offset + line.length
+        self._appender = appender
+        self._durable = appender.size
+        if latest is not None:
+            self._check_tail_against(latest, segment, roots)
+        self._segment = segment
+        self._segment_opened = opened
+        self._fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND)
+        self._segment_bytes = end
+
+    def _check_start(self, segment: Segment, start: SegmentStart) -> None:
+        if self.signer is None:
+            return
+        if start.checkpoint is None:
+            if start.first > 0:
+                _log.warning(
+                    "audit segment start is not signed",
+                    extra={"file": segment.start_path.name},
+                )
+            return
+        try:
+            checkpoint = open_checkpoint(start.checkpoint, self.signer.public_key)
+        except CheckpointError:
+            try:
+                checkpoint, _, _ = parse_body(start.checkpoint)
+            except CheckpointError as err:
+                raise AuditLogCorrupt(
+                    f"{segment.start_path.name}: its checkpoint is unreadable ({err})",
+                    metadata={"file": segment.start_path.name},
+                ) from None
+            # Well formed but signed by another key: a rotated key (recorded once the log is
+            # open); ``silogate audit verify`` with both public keys checks the signature.
+            self._key_rotated = True
+        if checkpoint.size != start.first or checkpoint.root != start.frontier.root():
+            raise AuditLogCorrupt(
+                f"{segment.start_path.name}: the frontier does not match its signed checkpoint",
+                metadata={"file": segment.start_path.name},
+            )
+
+    def _truncate_torn(self, segment: Segment, line: Line) -> None:
+        # Its fdatasync never completed, so append() never returned: nobody was given this
+        # sequence number. Dropping the partial bytes restores the last durable state.
+        with segment.path.open("r+b") as handle:
+            handle.truncate(line.offset)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _log.warning(
+            "audit log: dropped a record cut short by a crash (never acknowledged)",
+            extra={"file": segment.name, "line": line.number, "bytes": line.length},
+        )
+
+    def _check_tail_against(
+        self, latest: Checkpoint, segment: Segment, roots: dict[int, bytes]
+    ) -> None:
+        size = self._appender.size
+        if latest.size > size:
+            raise AuditLogCorrupt(
+                f"{CHECKPOINTS_FILE}: the latest checkpoint covers {latest.size} records but "
+                f"the log has {size} (records were lost after {segment.name})",
+                metadata={"file": CHECKPOINTS_FILE, "size": latest.size, "records": size},
+            )
+        root = roots.get(latest.size)
+        if root is not None and root != latest.root:
+            raise AuditLogCorrupt(
+                f"{segment.name}: the records differ from the checkpoint signed for size "
+                f"{latest.size}",
+                metadata={"file": segment.name, "size": latest.size},
+            )
+
+    def _load_latest_checkpoint(self) -> Checkpoint | None:
+        """The last note of ``checkpoints.jsonl`` (a torn last line is dropped, as for records)."""
+        path = self.directory / CHECKPOINTS_FILE
+        if not path.exists():
+            return None
+        last: Line | None = None
+        for line in scan_lines(path, MAX_NOTE_BYTES * 2):
+            if not line.terminated:
+                self._truncate_torn(Segment(0, path), line)
+                break
+            last = line
+        if last is None:
+            return None
+        try:
+            if last.data is None:
+                raise ValueError("the line is too long")
+            document = jcs.parse(last.data)
+            if not isinstance(document, dict) or not isinstance(document.get("note"), str):
+                raise ValueError("not a checkpoint document")
+            note: str = document["note"]
+            checkpoint, _, _ = parse_body(note)
+        except (ValueError, CheckpointError) as err:
+            raise AuditLogCorrupt(
+                f"{CHECKPOINTS_FILE}:{last.number}: the latest checkpoint is unreadable ({err})",
+                metadata={"file": CHECKPOINTS_FILE, "line": last.number},
+            ) from None
+        if self.signer is not None:
+            if checkpoint.origin != self.signer.origin:
+                raise AuditLogCorrupt(
+                    f"{CHECKPOINTS_FILE}:{last.number}: the log's origin is "
+                    f"{checkpoint.origin!r}, the configured origin {self.signer.origin!r}",
+                    metadata={"file": CHECKPOINTS_FILE, "line": last.number},
+                )
+            try:
+                open_checkpoint(note, self.signer.public_key, self.signer.origin)
+            except CheckpointError:
+                # Signed by another key: the operator rotated the checkpoint key. The tail is
+                # still checked against the note's size and root; the rotation is recorded.
+                self._key_rotated = True
+        self._last_note = note
+        self._last_checkpoint = checkpoint
+        return checkpoint
+
+    def _record_time(self, text: object) -> float:
+        try:
+            return dt.datetime.fromisoformat(str(text)).timestamp()
+        except ValueError:
+            return self._clock()
+
+    def _open_segment(self, first: int, frontier: Frontier, note: str | None) -> None:
+        start = SegmentStart(first, frontier, note)
+        # The start document first: a segment file never exists without it.
+        _replace_file(self.directory / start_name(first), start.document())
+        path = self.directory / segment_name(first)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        _fsync_directory(self.directory)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = fd
+        self._segment = Segment(first, path)
+        self._segment_opened = self._clock()
+        self._segment_bytes = 0
+
+    # -- appending --------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """How many records the log holds (written; durable once ``append`` returned)."""
+        return self._appender.size
 
     def append(self, kind: str, fields: Mapping[str, Any]) -> int:
         """Write one record durably and return its sequence number."""
+        reserved = _RESERVED.intersection(fields)
+        if reserved:
+            raise ValueError(f"record fields may not be named {', '.join(sorted(reserved))}")
+        size = _Size()
+        body = _jsonable(fields, size)
+        assert isinstance(body, dict)
+        limit = self.options.max_record_bytes
         with self._lock:
-            sequence = self._next
-            record = {
-                "seq": sequence,
-                "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-                "kind": kind,
-                **fields,
-            }
-            line = json.dumps(record, sort_keys=True, separators=(",", ":"), default=str)
-            with self.path.open("ab") as handle:
-                handle.write(line.encode() + b"\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            self._next += 1
-            return sequence
+            self._check_usable()
+            sequence = self._appender.size
+            record = {"seq": sequence, "time": _now_text(), "kind": kind, **body}
+            try:
+                if size.total > limit:
+                    # Possibly huge: the exact encoder gives up as soon as the limit is passed.
+                    line = jcs.canonicalize(record, limit=limit)
+                else:
+                    try:
+                        line = jcs.canonicalize_record(record)
+                    except jcs.NotCanonicalizable:
+                        # Only a lone surrogate gets here (_jsonable made everything else
+                        # JSON): keep the record, with U+FFFD in its place.
+                        line = jcs.canonicalize_record(_scrub(record))
+                if len(line) > limit:
+                    raise jcs.TooLarge(f"{len(line)} bytes")
+            except jcs.TooLarge:
+                raise AuditRecordTooLarge(
+                    f"a '{kind}' record is larger than {limit} bytes",
+                    metadata={"kind": kind, "limit": limit},
+                ) from None
+            self._rotate_if_due(len(line) + 1)
+            self._write_line(line)
+            target = self._appender.size
+            if target - self._checkpointed_size() >= self.options.checkpoint_every_records:
+                self._wake.set()
+        self._sync_through(target)
+        return sequence
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise AuditUnavailable("the audit log is closed")
+        if self._failure is not None:
+            raise AuditUnavailable(
+                f"the audit log stopped after a write error: {self._failure}",
+                metadata={"error": self._failure},
+            )
+
+    def _write_line(self, line: bytes) -> None:
+        try:
+            _write_all(self._fd, line + b"\n")
+        except OSError as err:
+            # Take back a partial line so the file stays a sequence of whole records.
+            try:
+                os.ftruncate(self._fd, self._segment_bytes)
+            except OSError:
+                self._failure = err.strerror or "write failed"
+            raise AuditUnavailable(
+                f"cannot write the audit log: {err.strerror}", metadata={"error": err.strerror}
+            ) from err
+        if self._segment_bytes == 0:
+            self._segment_opened = self._clock()  # a segment's age counts from its first record
+        self._segment_bytes += len(line) + 1
+        self._appender.append(leaf_hash(line))
+
+    def _sync_through(self, target: int) -> None:
+        """Return once records up to ``target`` are durable, syncing if no one else is."""
+        while True:
+            with self._lock, self._synced:
+                if self._durable >= target:
+                    return
+                if self._failure is not None:
+                    self._check_usable()
+                lead = not self._syncing
+                if lead:
+                    # Chosen while holding the log lock, so a rotation never closes this fd
+                    # under us: it waits for `_syncing` to clear first.
+                    self._syncing = True
+                    fd, upto = self._fd, self._appender.size
+            if not lead:
+                with self._synced:
+                    while self._syncing and self._durable < target:
+                        self._synced.wait()
+                continue
+            error: OSError | None = None
+            try:
+                _sync(fd)
+            except OSError as err:
+                error = err
+            with self._synced:
+                self._syncing = False
+                if error is None:
+                    self._durable = max(self._durable, upto)
+                else:
+                    self._failure = error.strerror or "sync failed"
+                self._synced.notify_all()
+            if error is not None:
+                raise AuditUnavailable(
+                    f"cannot make the audit log durable: {error.strerror}",
+                    metadata={"error": error.strerror},
+                ) from error
+
+    def _sync_all_locked(self) -> None:
+        """With the log lock held: make everything written durable."""
+        with self._synced:
+            while self._syncing:
+                self._synced.wait()
+            if self._durable >= self._appender.size:
+                return
+            try:
+                _sync(self._fd)
+            except OSError as err:
+                self._failure = err.strerror or "sync failed"
+                self._synced.notify_all()
+                raise AuditUnavailable(
+                    f"cannot make the audit log durable: {err.strerror}",
+                    metadata={"error": err.strerror},
+                ) from err
+            self._durable = self._appender.size
+            self._synced.notify_all()
+
+    def _rotate_if_due(self, incoming: int) -> None:
+        if self._segment_bytes == 0:
+            return  # never leave an empty segment behind
+        too_big = self._segment_bytes + incoming > self.options.segment_max_bytes
+        too_old = self._clock() - self._segment_opened >= self.options.segment_max_seconds
+        if too_big or too_old:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        self._sync_all_locked()
+        note = self._checkpoint_locked() if self.signer is not None else None
+        self._open_segment(self._appender.size, self._appender.frontier(), note)
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def _checkpointed_size(self) -> int:
+        return self._last_checkpoint.size if self._last_checkpoint is not None else 0
+
+    def checkpoint(self) -> str | None:
+        """Sign the current size and root now (None without a signing key); rotate if due."""
+        with self._lock:
+            self._check_usable()
+            if self._segment_bytes and (
+                self._clock() - self._segment_opened >= self.options.segment_max_seconds
+            ):
+                self._rotate()  # an idle log still closes its segment on time
+            if self.signer is None:
+                return None
+            self._sync_all_locked()
+            return self._checkpoint_locked()
+
+    @property
+    def latest_checkpoint(self) -> str | None:
+        """The last note this log persisted (None before the first)."""
+        return self._last_note
+
+    def _checkpoint_locked(self) -> str:
+        assert self.signer is not None
+        size, root = self._appender.size, self._appender.root()
+        last = self._last_checkpoint
+        if last is not None and (size < last.size or (size == last.size and root != last.root)):
+            # Signing now would put two different trees under one key: refuse for good.
+            self._failure = f"the log no longer matches its checkpoint for size {last.size}"
+            raise AuditLogCorrupt(
+                f"refusing to sign size {size}: {self._failure}",
+                metadata={"size": size, "checkpoint_size": last.size},
+            )
+        note = self.signer.sign(size, root)
+        if note != self._last_note:
+            # Persisted before published: a note anyone saw is always in checkpoints.jsonl.
+            document = jcs.canonicalize({"note": note}) + b"\n"
+            path = self.directory / CHECKPOINTS_FILE
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                _write_all(fd, document)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._last_note = note
+        self._last_checkpoint = Checkpoint(self.signer.origin, size, root)
+        self._last_checkpoint_at = self._clock()
+        _replace_file(self.directory / LATEST_CHECKPOINT_FILE, note.encode())
+        return note
+
+    def start_checkpoints(self) -> None:
+        """Start signing in the background every N records or T seconds (needs a signer)."""
+        if self.signer is None or self._worker is not None:
+            return
+        self._worker = threading.Thread(
+            target=self._checkpoint_loop, name="audit-checkpoints", daemon=True
+        )
+        self._worker.start()
+
+    def _checkpoint_loop(self) -> None:
+        while not self._stop.is_set():
+            due = self._last_checkpoint_at + self.options.checkpoint_every_seconds
+            self._wake.wait(max(0.0, due - self._clock()))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.checkpoint()
+            except (AuditUnavailable, AuditLogCorrupt, OSError) as err:
+                _log.error("audit checkpoint failed", extra={"error": str(err)})
+                self._stop.wait(min(self.options.checkpoint_every_seconds, 5.0))
+
+    def close(self) -> None:
+        """Stop the checkpoint thread, sign a last checkpoint, close the files. Idempotent."""
+        self._stop.set()
+        self._wake.set()
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if self._failure is None and self._fd >= 0:
+                    self._sync_all_locked()
+                    if self.signer is not None:
+                        self._checkpoint_locked()
+            finally:
+                self._closed = True
+                self._release()
+
+    def _release(self) -> None:
+        for fd in (self._fd, self._lock_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._fd = self._lock_fd = -1
+
+    def root_hash(self) -> str:
+        """Base64 root of the records written so far (for logs and tests)."""
+        return base64.b64encode(self._appender.root()).decode()
+
+
+def open_audit_log(directory: Path, settings: AuditLogSettings, *, origin: str) -> AuditLog:
+    """Open (and check the tail of) a server's audit log as configured; ``origin`` is the
+    default name of the log when the settings give none."""
+    signer = None
+    if settings.signing_key is not None:
+        signer = CheckpointSigner(load_signing_key(settings.signing_key), settings.origin or origin)
+    else:
+        _log.warning(
+            "audit checkpoints are not signed: set audit_log.signing_key",
+            extra={"directory": str(directory)},
+        )
+    options = AuditLogOptions(
+        max_record_bytes=settings.max_record_bytes,
+        segment_max_bytes=settings.segment_max_bytes,
+        segment_max_seconds=settings.segment_max_seconds,
+        checkpoint_every_records=settings.checkpoint_every_records,
+        checkpoint_every_seconds=settings.checkpoint_every_seconds,
+    )
+    return AuditLog(directory, signer=signer, options=options)

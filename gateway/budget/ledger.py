@@ -3,7 +3,8 @@
 Amounts are exact rationals stored as ``"p/q"`` text: never floats, never rounded. A query reserves
 its cost in every scope in one ``BEGIN IMMEDIATE`` transaction before any silo runs, or is refused
 naming the short scope. ``commit`` after the release; ``cancel`` only when no silo released
-anything. A reservation whose outcome is unknown is never cancelled, so it stays charged: a crash
+anything; ``cancel_share`` for the shares of the silos that released nothing when others released
+or may have. A charge whose outcome is unknown is never cancelled, so it stays charged: a crash
 can over-charge, never under-charge.
 
 Running sums per scope window (``scope_balances``) are updated in the same transactions as the
@@ -21,7 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -173,7 +174,10 @@ class PrivacyLedger:
         return db
 
     def close(self) -> None:
-        self._db.close()
+        # Under the lock: a transaction still running in a worker thread (a request cancelled at
+        # shutdown) finishes before the connection goes.
+        with self._lock:
+            self._db.close()
 
     # -- transactions ----------------------------------------------------------------------
 
@@ -387,6 +391,57 @@ class PrivacyLedger:
         """Release the reservation. Only when no silo can have released anything."""
         self._finish(consumer, request_id, "cancelled", None)
 
+    def cancel_share(self, consumer: str, request_id: str, shares: Mapping[str, Fraction]) -> None:
+        """Release part of an open reservation: ``shares`` maps a scope (``ScopeLimit.scope``)
+        to the rho to take off its charge, in the window the reservation charged.
+
+        For a query that spans several silos when some of them definitely released nothing and
+        others released or may have: the shares of the former are cancelled, the rest stays
+        reserved (charged) until the reservation is committed; if it never is, it stays charged
+        for good, as an unfinished reservation does. All shares change in one transaction; a
+        share that is negative, names a scope the reservation did not charge, or exceeds what is
+        still charged there raises ValueError and changes nothing.
+        """
+        for scope, share in shares.items():
+            if share < 0:
+                raise ValueError(f"negative share for scope {scope}")
+        # Not durable, as for cancel: undone by a crash, the share simply stays charged.
+        with self._transaction(durable=False) as db:
+            state = db.execute(
+                "SELECT state FROM reservations WHERE consumer = ? AND request_id = ?",
+                (consumer, request_id),
+            ).fetchone()
+            if state is None or state[0] != "reserved":
+                raise LedgerUnavailable(
+                    f"no open reservation for request '{request_id}'",
+                    reason="RESERVATION_NOT_OPEN",
+                    metadata={"request_id": request_id},
+                )
+            charged = {
+                key: Fraction(rho)
+                for key, rho in db.execute(
+                    "SELECT scope, rho FROM charges WHERE consumer = ? AND request_id = ?",
+                    (consumer, request_id),
+                )
+            }
+            for scope, share in shares.items():
+                # A refreshing scope is charged under its window key "<scope>@<window>"; a
+                # reservation charges one window per scope, so the match is unique.
+                keys = [k for k in charged if k == scope or k.startswith(f"{scope}@")]
+                if len(keys) != 1:
+                    raise ValueError(f"request '{request_id}' charged no scope {scope}")
+                key = keys[0]
+                if share > charged[key]:
+                    raise ValueError(
+                        f"share {share} of scope {key} exceeds its charge {charged[key]}"
+                    )
+                charged[key] -= share
+                db.execute(
+                    "UPDATE charges SET rho = ? WHERE consumer = ? AND request_id = ? AND scope = ?",
+                    (_text(charged[key]), consumer, request_id, key),
+                )
+                self._add(db, key, _ZERO, -share)
+
     # -- reading ---------------------------------------------------------------------------
 
     def cache_key(
@@ -452,3 +507,9 @@ class PrivacyLedger:
                     metadata={"scope": scope},
                 )
         return recomputed
+
+    def scope_sums(self) -> dict[str, tuple[Fraction, Fraction]]:
+        """Spent and reserved of every scope window the ledger has recorded (for metrics)."""
+        with self._lock:
+            rows = self._db.execute("SELECT scope, spent, reserved FROM scope_balances").fetchall()
+        return {scope: (Fraction(spent), Fraction(reserved)) for scope, spent, reserved in rows}

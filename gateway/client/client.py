@@ -252,7 +252,10 @@ class SilogateClient:
                 return method(request, timeout=self.timeout)
             except grpc.RpcError as err:
                 remote = parse_rpc_error(err)
-                if remote.code in _TRANSIENT and attempt + 1 < attempts:
+                # A failed query that spent budget (a silo released or may have) keeps its
+                # request id charged: a retry would only be told the id is taken.
+                spent = remote.metadata.get("budget_spent") == "true"
+                if remote.code in _TRANSIENT and not spent and attempt + 1 < attempts:
                     time.sleep(min(0.2 * 2**attempt, 2.0))
                     continue
                 raise ClientError(

@@ -121,6 +121,6 @@ def run_demo(workdir: Path, *, people: int, seed: int) -> int:
         console.print(budget_table(org_budget, title="budget left: org-department"))
     console.print(
         f"[green]demo finished in {time.monotonic() - started:.1f} s[/]; every process stopped. "
-        f"Audit log: {workdir / 'state' / 'gateway' / 'audit' / 'audit.jsonl'}"
+        f"Audit log: {workdir / 'state' / 'gateway' / 'audit'} (segment-*.jsonl)"
     )
     return 0

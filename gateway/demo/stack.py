@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from ruamel.yaml import YAML
 from gateway.crypto.dev_ca import GATEWAY_IDENTITY, DevPki, init_dev_pki
 from gateway.demo.synthetic import generate_departments
 from gateway.errors import ConfigurationError
+from gateway.policy.signing import generate_signing_key
 
 DEMO_SILOS = ("org", "civil", "health", "events")
 DEMO_CONSUMERS = ("civil-affairs", "org-department", "grid-centre", "health-commission")
@@ -132,9 +133,13 @@ def start_stack(
     seed: int,
     gateway_port: int = 0,
     policy: Path | None = None,
+    gateway_settings: Mapping[str, object] | None = None,
     on_step: Callable[[str], None] = lambda _: None,
 ) -> Stack:
-    """Data, certificates, configs, then the four silos and the gateway. Stops all on failure."""
+    """Data, certificates, configs, then the four silos and the gateway. Stops all on failure.
+
+    ``gateway_settings`` adds to (or overrides) the gateway's config file, e.g. ``limits`` or
+    ``metrics_listen``."""
     workdir = workdir.resolve()
     policy = (policy or default_policy_dir()).resolve()
     on_step(f"synthetic departments: {people:,} people (seed {seed})")
@@ -145,6 +150,13 @@ def start_stack(
     )
     state = workdir / "state"
     shutil.rmtree(state, ignore_errors=True)  # a fresh ledger and audit log for every run
+    # Checkpoint keys for the logs (one for the gateway, one shared by the demo's silos);
+    # auditors verify with the .pub files: silogate audit verify DIR --key ...pub
+    audit_keys = workdir / "keys"
+    for owner in ("gateway-audit", "silo-audit"):
+        generate_signing_key(
+            audit_keys / f"{owner}.pem", audit_keys / f"{owner}.pub", overwrite=True
+        )
     stack = Stack(workdir, pki)
     try:
         addresses = {}
@@ -159,6 +171,7 @@ def start_stack(
                     "database": str(data / f"{silo}.duckdb"),
                     "release_log": str(state / f"silo-{silo}"),
                     "gateway_identity": GATEWAY_IDENTITY,
+                    "audit_log": {"signing_key": str(audit_keys / "silo-audit.pem")},
                 },
             )
             on_step(f"silo agent '{silo}'")
@@ -172,6 +185,8 @@ def start_stack(
                 "ledger": str(state / "gateway" / "ledger.sqlite"),
                 "audit": str(state / "gateway" / "audit"),
                 "silos": {silo: {"address": address} for silo, address in addresses.items()},
+                "audit_log": {"signing_key": str(audit_keys / "gateway-audit.pem")},
+                **(gateway_settings or {}),
             },
         )
         on_step("gateway")

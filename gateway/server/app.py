@@ -6,12 +6,13 @@ import logging
 from dataclasses import dataclass
 
 from gateway.api.v1 import query_service_pb2, query_service_pb2_grpc
-from gateway.audit.log import AuditLog
+from gateway.audit.log import AuditLog, open_audit_log
 from gateway.budget.ledger import PrivacyLedger
 from gateway.crypto.channels import server_credentials
 from gateway.errors import PolicyInvalid
 from gateway.policy.holder import PolicyHolder
 from gateway.policy.model import Bundle
+from gateway.server.metrics import GatewayMetrics, MetricsEndpoint
 from gateway.server.runtime import RunningServer, create_server
 from gateway.server.servicer import QueryServicer
 from gateway.server.silos import SiloClients
@@ -25,6 +26,7 @@ log = logging.getLogger("silogate.gateway")
 class GatewayProcess:
     running: RunningServer
     servicer: QueryServicer
+    metrics_endpoint: MetricsEndpoint | None = None
 
     @property
     def port(self) -> int:
@@ -33,35 +35,65 @@ class GatewayProcess:
     async def stop(self, grace: float = 5.0) -> None:
         await self.servicer.policy.stop_watching()
         await self.running.stop(grace)
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
         await self.servicer.silos.close()
         self.servicer.ledger.close()
+        self.servicer.audit.close()  # signs a last checkpoint
 
 
 async def start_gateway(config: GatewayConfig) -> GatewayProcess:
     """Load everything the gateway needs, failing with one clear error, then listen."""
     tls = config.tls.files()
     credentials = server_credentials(tls)
-    audit = AuditLog(config.audit)
-    policy = PolicyHolder(
-        config.policy,
-        config.policy_verify_key,
-        on_activate=lambda bundle: _audit_activation(audit, bundle),
-        logger=log,
-        on_refuse=lambda err: _audit_refusal(audit, policy, err),
-    )
-    ledger = PrivacyLedger(config.ledger, time_zone=config.time_zone)
+    # Refuses to start on a log whose tail it cannot verify (one line naming file and line).
+    audit = open_audit_log(config.audit, config.audit_log, origin="silogate/gateway")
+    try:
+        policy = PolicyHolder(
+            config.policy,
+            config.policy_verify_key,
+            on_activate=lambda bundle: _audit_activation(audit, bundle),
+            logger=log,
+            on_refuse=lambda err: _audit_refusal(audit, policy, err),
+        )
+        ledger = PrivacyLedger(config.ledger, time_zone=config.time_zone)
+    except BaseException:
+        audit.close()  # frees the log's lock for the next start
+        raise
+    metrics = GatewayMetrics(ledger)
     servicer = QueryServicer(
-        policy, ledger, audit, SiloClients(config.silos, tls), config.silo_timeout_seconds
+        policy,
+        ledger,
+        audit,
+        SiloClients(config.silos, tls),
+        config.silo_timeout_seconds,
+        limits=config.limits,
+        metrics=metrics,
     )
-    running = await create_server(
-        config.listen,
-        credentials,
-        lambda server: query_service_pb2_grpc.add_QueryServiceServicer_to_server(servicer, server),
-        [QUERY_SERVICE],
-        reflection_enabled=config.reflection,
-    )
+    endpoint = None
+    if config.metrics_listen is not None:
+        endpoint = MetricsEndpoint(metrics, config.metrics_listen)
+    try:
+        running = await create_server(
+            config.listen,
+            credentials,
+            lambda server: query_service_pb2_grpc.add_QueryServiceServicer_to_server(
+                servicer, server
+            ),
+            [QUERY_SERVICE],
+            reflection_enabled=config.reflection,
+            max_receive_bytes=config.limits.max_request_bytes,
+        )
+    except BaseException:
+        if endpoint is not None:
+            endpoint.stop()
+        audit.close()
+        raise
+    if endpoint is not None:
+        endpoint.start()
     policy.start_watching(config.policy_reload_seconds)
-    return GatewayProcess(running, servicer)
+    audit.start_checkpoints()
+    return GatewayProcess(running, servicer, endpoint)
 
 
 def _audit_activation(audit: AuditLog, bundle: Bundle) -> None:

@@ -26,6 +26,8 @@ class MeasurePlanning:
     noise: NoisePlan
     rule_id: str
     min_group_size: int
+    # The budget scopes this measure is charged to (each gets its rho).
+    scopes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,16 @@ class QueryPlan:
     def ledger_charges(self) -> list[ScopeCharge]:
         """What the ledger reserves: each scope's cost for this query."""
         return [ScopeCharge(scope_limit(s), self.charges[s.key]) for s in self.scopes]
+
+    def silo_share(self, silo: str) -> dict[str, Fraction]:
+        """The part of each scope's charge that pays for ``silo``'s measures (what cancelling
+        that silo's share gives back). The shares of all silos add up to ``charges``."""
+        share: dict[str, Fraction] = defaultdict(Fraction)
+        for m in self.measures:
+            if m.silo == silo:
+                for scope in m.scopes:
+                    share[scope] += m.noise.rho
+        return dict(share)
 
 
 def scope_limit(scope: BudgetScope) -> ScopeLimit:
@@ -78,7 +90,14 @@ def plan_query(bundle: Bundle, decision: Decision, query: QueryForm) -> QueryPla
                 },
             )
         measures.append(
-            MeasurePlanning(measure, dataset.silo, noise, grant.rule_id, grant.rule.min_group_size)
+            MeasurePlanning(
+                measure,
+                dataset.silo,
+                noise,
+                grant.rule_id,
+                grant.rule.min_group_size,
+                tuple(scope.key for scope in grant.scopes),
+            )
         )
         for scope in grant.scopes:
             charges[scope.key] += noise.rho

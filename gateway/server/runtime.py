@@ -43,9 +43,17 @@ async def create_server(
     services: Sequence[str],
     *,
     reflection_enabled: bool = False,
+    max_receive_bytes: int | None = None,
 ) -> RunningServer:
-    """Bind and start a server with the given services, health and (opt-in) reflection."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    """Bind and start a server with the given services, health and (opt-in) reflection.
+
+    ``max_receive_bytes`` caps a request message: gRPC refuses a larger one with
+    RESOURCE_EXHAUSTED before any handler (or parser of ours) sees it.
+    """
+    options: list[tuple[str, int]] = [("grpc.so_reuseport", 0)]
+    if max_receive_bytes is not None:
+        options.append(("grpc.max_receive_message_length", max_receive_bytes))
+    server = grpc.aio.server(options=options)
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,10 +1,17 @@
 """The gateway's public QueryService.
 
-RunQuery: identify the caller by certificate, parse, validate, decide, plan, reserve budget in
-every scope, ask each silo concurrently within the caller's deadline, merge, commit, audit,
-answer. The audit record is written in a ``finally`` so no outcome (released, denied, failed)
-escapes it, and a release is returned only after its record is durable. The gateway never sees an
-exact aggregate.
+RunQuery: identify the caller by certificate, admit it under its concurrency limit, check the
+request's size, parse, validate, decide, plan, check the deadline, reserve budget in every scope,
+ask each silo concurrently within the caller's deadline, check and merge the silos' answers,
+commit, audit, answer. Every refusal comes before the reservation. When a silo fails, the charges
+are settled per silo (see ``_settle_failure``) and the caller gets no values. The audit record is
+written in a ``finally`` so no outcome (released, denied, failed) escapes it, and a release is
+returned only after its record is durable. The gateway never sees an exact aggregate.
+
+Ledger and audit calls run in worker threads (``asyncio.to_thread``): both wait for their disk
+syncs, and the event loop keeps serving other requests meanwhile (concurrent audit appends also
+share one sync). Each is still awaited before the next step, so the order of the steps is the
+same as if they ran inline.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+from collections import defaultdict
+from contextlib import ExitStack
 from dataclasses import replace
 from fractions import Fraction
 from typing import Any
@@ -20,6 +29,7 @@ import grpc
 
 from gateway.api.v1 import query_pb2, query_service_pb2, query_service_pb2_grpc, silo_service_pb2
 from gateway.audit.log import AuditLog
+from gateway.audit.records import budget_left_fields, plan_fields
 from gateway.budget.ledger import PrivacyLedger
 from gateway.crypto.dev_ca import peer_identities
 from gateway.errors import (
@@ -35,10 +45,19 @@ from gateway.policy.holder import PolicyHolder
 from gateway.policy.model import Bundle
 from gateway.query.form import MEASURE_KIND_NUMBERS, QueryForm, parse_query
 from gateway.query.validate import group_keys, validate_against_policy
+from gateway.server.limits import (
+    ConsumerAdmission,
+    check_answer_size,
+    check_deadline,
+    check_known_fields,
+    check_query_shape,
+)
 from gateway.server.messages import balance_message, measure_plan_message, privacy_cost
+from gateway.server.metrics import GatewayMetrics
 from gateway.server.planning import QueryPlan, plan_query, scope_limit
 from gateway.server.silos import SiloClients, SiloFailure
-from gateway.server.status import rpc_boundary
+from gateway.server.status import request_facts, rpc_boundary
+from gateway.settings import GatewayLimits
 
 log = logging.getLogger("silogate.gateway")
 _DEFAULT_PAGE = 50
@@ -53,6 +72,8 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         audit: AuditLog,
         silos: SiloClients,
         silo_timeout: float,
+        limits: GatewayLimits | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         # Each request reads `policy.current` once and uses that bundle throughout: a reload in
         # the middle of a request never mixes two versions.
@@ -61,6 +82,10 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         self.audit = audit
         self.silos = silos
         self.silo_timeout = silo_timeout
+        self.limits = limits or GatewayLimits()
+        self.admission = ConsumerAdmission(self.limits.max_in_flight_per_consumer)
+        # Read by `rpc_boundary` too, which counts every request it sees here.
+        self.metrics = metrics
 
     # -- identity ---------------------------------------------------------------------------
 
@@ -75,6 +100,7 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
                 reason="UNKNOWN_CONSUMER",
                 metadata={"identity": identities[0]},
             )
+        request_facts().consumer = consumer
         return consumer
 
     # -- shared steps -----------------------------------------------------------------------
@@ -90,10 +116,10 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             )
         return decision
 
-    def _balances(self, plan: QueryPlan, after: bool = False) -> list[Any]:
+    async def _balances(self, plan: QueryPlan, after: bool = False) -> list[Any]:
         deltas = {s.key: s.delta for s in plan.scopes}
         messages = []
-        for balance in self.ledger.balances(plan.limits()):
+        for balance in await asyncio.to_thread(self.ledger.balances, plan.limits()):
             shown = (
                 replace(balance, spent=balance.spent + plan.charges[balance.scope])
                 if after
@@ -120,85 +146,116 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         record: dict[str, Any] = {"request_id": request.request_id, "decision": "rejected"}
         written = False
         bundle = self.policy.current
-        try:
-            consumer = self._consumer(bundle, context)
-            record["consumer"] = consumer
-            if not 1 <= len(request.request_id) <= 128:
-                raise InvalidQuery(
-                    "request_id must have 1 to 128 characters",
-                    violations=[FieldViolation("request_id", "1 to 128 characters")],
-                )
-            query = parse_query(request.query)
-            record.update(
-                purpose=query.purpose,
-                query=query.canonical(),
-                digest=query.digest,
-                policy_version=bundle.version,
-            )
-            validate_against_policy(query, bundle)
-            record["decision"] = "denied"
-            decision = self._decide(bundle, consumer, query)
-            record["rules"] = list(decision.deciding_rules)
-            plan = plan_query(bundle, decision, query)
-            cache_key = self._cache_key(bundle, query, plan)
-            reservation = self.ledger.reserve(
-                consumer,
-                request.request_id,
-                query.digest,
-                plan.ledger_charges(),
-                cache_key=cache_key,
-            )
-            if reservation.is_replay:
-                if reservation.state == "committed" and reservation.stored_response:
-                    record["decision"] = "replayed"
-                    return query_service_pb2.RunQueryResponse.FromString(
-                        reservation.stored_response
+        facts = request_facts()
+        facts.cost_rho = Fraction(0)  # until a reservation is made
+        if self.metrics is not None:
+            self.metrics.enter()
+        with ExitStack() as admitted:
+            try:
+                consumer = self._consumer(bundle, context)
+                record["consumer"] = consumer
+                admitted.enter_context(self.admission.admitted(consumer))
+                if not 1 <= len(request.request_id) <= 128:
+                    raise InvalidQuery(
+                        "request_id must have 1 to 128 characters",
+                        violations=[FieldViolation("request_id", "1 to 128 characters")],
                     )
-                raise RequestConflict(
-                    f"request '{request.request_id}' is still in progress or ended without an "
-                    "answer; use a new request id",
-                    reason="REQUEST_IN_PROGRESS",
-                    metadata={"request_id": request.request_id, "state": reservation.state},
+                check_query_shape(request.query, self.limits)
+                check_known_fields(request)
+                query = parse_query(request.query)
+                record.update(
+                    purpose=query.purpose,
+                    query=query.canonical(),
+                    digest=query.digest,
+                    policy_version=bundle.version,
                 )
-            if reservation.cached_answer is not None:
-                # Post-processing of an earlier release: the same numbers, at no cost.
-                response = query_service_pb2.RunQueryResponse.FromString(reservation.cached_answer)
-                record.update(decision="cached", cached_from=response.audit_sequence)
-                response.request_id = request.request_id
-                response.cached = True
-                response.cost.CopyFrom(privacy_cost(Fraction(0)))
-                response.audit_sequence = self.audit.append("query", record)
+                validate_against_policy(query, bundle)
+                check_answer_size(query, bundle, self.limits)
+                record["decision"] = "denied"
+                decision = self._decide(bundle, consumer, query)
+                record["rules"] = list(decision.deciding_rules)
+                plan = plan_query(bundle, decision, query)
+                check_deadline(context.time_remaining(), _DEADLINE_MARGIN, self.limits)
+                cache_key = self._cache_key(bundle, query, plan)
+                reservation = await asyncio.to_thread(
+                    self.ledger.reserve,
+                    consumer,
+                    request.request_id,
+                    query.digest,
+                    plan.ledger_charges(),
+                    cache_key=cache_key,
+                )
+                if reservation.is_replay:
+                    if reservation.state == "committed" and reservation.stored_response:
+                        record["decision"] = "replayed"
+                        facts.cost_rho = Fraction(0)
+                        replay = query_service_pb2.RunQueryResponse.FromString(
+                            reservation.stored_response
+                        )
+                        replay.budget_left.extend(await self._balances(plan))  # as of now
+                        return replay
+                    raise RequestConflict(
+                        f"request '{request.request_id}' is still in progress or ended without "
+                        "an answer; use a new request id",
+                        reason="REQUEST_IN_PROGRESS",
+                        metadata={"request_id": request.request_id, "state": reservation.state},
+                    )
+                if reservation.cached_answer is not None:
+                    # Post-processing of an earlier release: the same numbers, at no cost.
+                    response = query_service_pb2.RunQueryResponse.FromString(
+                        reservation.cached_answer
+                    )
+                    record.update(decision="cached", cached_from=response.audit_sequence)
+                    response.request_id = request.request_id
+                    response.cached = True
+                    response.cost.CopyFrom(privacy_cost(Fraction(0)))
+                    response.audit_sequence = await asyncio.to_thread(
+                        self.audit.append, "query", record
+                    )
+                    written = True
+                    await asyncio.to_thread(
+                        self.ledger.commit,
+                        consumer,
+                        request.request_id,
+                        response.SerializeToString(),
+                    )
+                    facts.cost_rho = Fraction(0)
+                    response.budget_left.extend(await self._balances(plan))
+                    return response
+                record.update(decision="failed", **plan_fields(plan))
+                # Until the silos answer, the whole reservation counts as the request's cost.
+                facts.cost_rho = plan.total_rho
+                response = await self._release(
+                    request, consumer, query, bundle, decision, plan, context, record
+                )
+                record["decision"] = "released"
+                record["values"] = [
+                    [list(g.keys), v.measure_id, v.value, v.suppressed]
+                    for g in response.groups
+                    for v in g.values
+                ]
+                record["budget_left"] = budget_left_fields(await self._balances(plan))
+                response.audit_sequence = await asyncio.to_thread(
+                    self.audit.append, "query", record
+                )
                 written = True
-                self.ledger.commit(consumer, request.request_id, response.SerializeToString())
-                response.budget_left.extend(self._balances(plan))
+                await asyncio.to_thread(
+                    self.ledger.commit,
+                    consumer,
+                    request.request_id,
+                    response.SerializeToString(),
+                    cache_key=cache_key,
+                )
+                response.budget_left.extend(await self._balances(plan))
                 return response
-            record.update(
-                decision="failed",
-                rho=str(plan.total_rho),
-                scales={m.measure.id: m.noise.scale for m in plan.measures},
-            )
-            response, receipts = await self._release(
-                request, consumer, query, bundle, decision, plan, context
-            )
-            record.update(decision="released", receipts=receipts)
-            record["values"] = [
-                [list(g.keys), v.measure_id, v.value, v.suppressed]
-                for g in response.groups
-                for v in g.values
-            ]
-            response.audit_sequence = self.audit.append("query", record)
-            written = True
-            self.ledger.commit(
-                consumer, request.request_id, response.SerializeToString(), cache_key=cache_key
-            )
-            response.budget_left.extend(self._balances(plan))
-            return response
-        except SilogateError as err:
-            record.update(reason=err.reason, message=err.message)
-            raise
-        finally:
-            if not written:
-                self.audit.append("query", record)
+            except SilogateError as err:
+                record.update(reason=err.reason, message=err.message)
+                raise
+            finally:
+                if self.metrics is not None:
+                    self.metrics.leave()
+                if not written:
+                    await asyncio.to_thread(self.audit.append, "query", record)
 
     async def _release(
         self,
@@ -209,11 +266,19 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         decision: Decision,
         plan: QueryPlan,
         context: grpc.aio.ServicerContext,
-    ) -> tuple[query_service_pb2.RunQueryResponse, list[dict[str, str]]]:
+        record: dict[str, Any],
+    ) -> query_service_pb2.RunQueryResponse:
+        """Ask every silo concurrently; merge when all answered, else settle the budget.
+
+        A multi-silo query returns all its measures or none. When a silo fails, the budget is
+        settled per silo: the share of a silo that definitely released nothing is cancelled,
+        the share of a silo that released (or may have) stays charged.
+        """
         remaining = context.time_remaining()
         timeout = (
             self.silo_timeout if remaining is None else max(remaining - _DEADLINE_MARGIN, 0.05)
         )
+        keys = group_keys(query, bundle)
         requests = {
             silo: silo_service_pb2.ReleaseRequest(
                 request_id=request.request_id,
@@ -236,30 +301,84 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             )
             for silo in plan.silos
         }
-        outcomes = await asyncio.gather(
-            *(self.silos.release(silo, req, timeout) for silo, req in requests.items()),
-            return_exceptions=True,
-        )
-        failures = [o for o in outcomes if isinstance(o, BaseException)]
-        if failures:
-            silo_failures = [f for f in failures if isinstance(f, SiloFailure)]
-            released_somewhere = len(failures) < len(outcomes) or any(
-                f.may_have_released for f in silo_failures
+        outcomes = dict(
+            zip(
+                requests,
+                await asyncio.gather(
+                    *(
+                        self.silos.release(silo, req, timeout, keys)
+                        for silo, req in requests.items()
+                    ),
+                    return_exceptions=True,
+                ),
+                strict=True,
             )
-            if not released_somewhere:
-                self.ledger.cancel(consumer, request.request_id)
-            if silo_failures:
-                first = silo_failures[0]
-                first.error.metadata["budget_spent"] = str(released_somewhere).lower()
-                raise first.error
-            raise failures[0]
-        responses = [o for o in outcomes if isinstance(o, silo_service_pb2.ReleaseResponse)]
-        releases = {r.measure_id: r for response in responses for r in response.releases}
-        receipts = [
+        )
+        responses = {
+            silo: o
+            for silo, o in outcomes.items()
+            if isinstance(o, silo_service_pb2.ReleaseResponse)
+        }
+        record["receipts"] = [
             {"silo": r.receipt.silo, "digest": r.receipt.digest, "at": r.receipt.released_at}
-            for r in responses
+            for r in responses.values()
         ]
-        return self._merge(request, query, bundle, decision, plan, releases), receipts
+        failures = {s: o for s, o in outcomes.items() if isinstance(o, BaseException)}
+        if failures:
+            raise await self._settle_failure(consumer, request.request_id, plan, failures, record)
+        releases = {r.measure_id: r for response in responses.values() for r in response.releases}
+        return self._merge(request, query, bundle, decision, plan, releases)
+
+    async def _settle_failure(
+        self,
+        consumer: str,
+        request_id: str,
+        plan: QueryPlan,
+        failures: dict[str, BaseException],
+        record: dict[str, Any],
+    ) -> BaseException:
+        """Make the charges match what the silos released; return the error for the caller."""
+        released_nothing = sorted(
+            silo
+            for silo, failure in failures.items()
+            if isinstance(failure, SiloFailure) and not failure.may_have_released
+        )
+        # Silos that answered, failed after the request was sent, or failed unexpectedly.
+        charged = [silo for silo in plan.silos if silo not in released_nothing]
+        kept = sum((m.noise.rho for m in plan.measures if m.silo in charged), start=Fraction(0))
+        if not charged:
+            await asyncio.to_thread(self.ledger.cancel, consumer, request_id)
+        elif released_nothing:
+            shares: dict[str, Fraction] = defaultdict(Fraction)
+            for silo in released_nothing:
+                for scope, share in plan.silo_share(silo).items():
+                    shares[scope] += share
+            await asyncio.to_thread(self.ledger.cancel_share, consumer, request_id, shares)
+        request_facts().cost_rho = kept
+        record["charged_rho"] = str(kept)
+        for silo, failure in sorted(failures.items()):
+            if self.metrics is not None:
+                self.metrics.observe_silo_failure(
+                    silo, not isinstance(failure, SiloFailure) or failure.may_have_released
+                )
+        silo_failures = [f for _, f in sorted(failures.items()) if isinstance(f, SiloFailure)]
+        if not silo_failures:  # a bug, not a silo: INTERNAL for the caller, traceback in the log
+            return next(iter(failures.values()))
+        error = silo_failures[0].error
+        summary = (
+            f"rho {kept} stays charged for the silos that released or may have "
+            f"({', '.join(charged)})"
+            if charged
+            else "no budget was spent"
+        )
+        error.message = f"{error.message}. The query returns no values; {summary}"
+        error.metadata.update(
+            budget_spent=str(bool(charged)).lower(),
+            charged_rho=str(kept),
+            charged_silos=",".join(charged),
+            failed_silos=",".join(sorted(failures)),
+        )
+        return error
 
     def _merge(
         self,
@@ -302,48 +421,56 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
     ) -> query_service_pb2.ExplainQueryResponse:
         record: dict[str, Any] = {"decision": "rejected"}
         bundle = self.policy.current
-        try:
-            consumer = self._consumer(bundle, context)
-            record["consumer"] = consumer
-            query = parse_query(request.query)
-            record.update(
-                purpose=query.purpose, query=query.canonical(), policy_version=bundle.version
-            )
-            validate_against_policy(query, bundle)
-            decision = decide(bundle, consumer, query)
-            record.update(
-                rules=list(decision.deciding_rules),
-                decision="permit" if decision.permitted else "deny",
-            )
-            denial = query_service_pb2.ExplainQueryResponse(
-                decision=query_service_pb2.DECISION_DENY,
-                deciding_rules=decision.deciding_rules,
-                reasons=decision.reasons,
-                policy_version=bundle.version,
-            )
-            if not decision.permitted:
-                return denial
+        request_facts().cost_rho = Fraction(0)  # a preview never spends
+        with ExitStack() as admitted:
             try:
-                plan = plan_query(bundle, decision, query)
-            except PolicyDenied as err:  # a per-query cap: the preview says so instead of failing
-                record.update(decision="deny", reason=err.reason)
-                denial.reasons.append(err.message)
-                return denial
-            return query_service_pb2.ExplainQueryResponse(
-                decision=query_service_pb2.DECISION_PERMIT,
-                deciding_rules=decision.deciding_rules,
-                measures=[measure_plan_message(m) for m in plan.measures],
-                cost=privacy_cost(plan.total_rho),
-                budget_after=self._balances(plan, after=True),
-                would_be_cached=(key := self._cache_key(bundle, query, plan)) is not None
-                and self.ledger.cached_answer(consumer, key) is not None,
-                policy_version=bundle.version,
-            )
-        except SilogateError as err:
-            record.update(reason=err.reason)
-            raise
-        finally:
-            self.audit.append("explain", record)
+                consumer = self._consumer(bundle, context)
+                record["consumer"] = consumer
+                admitted.enter_context(self.admission.admitted(consumer))
+                check_query_shape(request.query, self.limits)
+                check_known_fields(request)
+                query = parse_query(request.query)
+                record.update(
+                    purpose=query.purpose, query=query.canonical(), policy_version=bundle.version
+                )
+                validate_against_policy(query, bundle)
+                check_answer_size(query, bundle, self.limits)
+                decision = decide(bundle, consumer, query)
+                record.update(
+                    rules=list(decision.deciding_rules),
+                    decision="permit" if decision.permitted else "deny",
+                )
+                denial = query_service_pb2.ExplainQueryResponse(
+                    decision=query_service_pb2.DECISION_DENY,
+                    deciding_rules=decision.deciding_rules,
+                    reasons=decision.reasons,
+                    policy_version=bundle.version,
+                )
+                if not decision.permitted:
+                    return denial
+                try:
+                    plan = plan_query(bundle, decision, query)
+                except PolicyDenied as err:
+                    # A per-query cap: the preview says so instead of failing.
+                    record.update(decision="deny", reason=err.reason)
+                    denial.reasons.append(err.message)
+                    return denial
+                return query_service_pb2.ExplainQueryResponse(
+                    decision=query_service_pb2.DECISION_PERMIT,
+                    deciding_rules=decision.deciding_rules,
+                    measures=[measure_plan_message(m) for m in plan.measures],
+                    cost=privacy_cost(plan.total_rho),
+                    budget_after=await self._balances(plan, after=True),
+                    would_be_cached=(key := self._cache_key(bundle, query, plan)) is not None
+                    and await asyncio.to_thread(self.ledger.cached_answer, consumer, key)
+                    is not None,
+                    policy_version=bundle.version,
+                )
+            except SilogateError as err:
+                record.update(reason=err.reason)
+                raise
+            finally:
+                await asyncio.to_thread(self.audit.append, "explain", record)
 
     @rpc_boundary
     async def GetBudget(
@@ -359,7 +486,9 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             if rule.applies_to_dataset(name)
             for scope in scope_keys(bundle, consumer, rule_id, name)
         }
-        balances = self.ledger.balances([scope_limit(s) for s in scopes.values()])
+        balances = await asyncio.to_thread(
+            self.ledger.balances, [scope_limit(s) for s in scopes.values()]
+        )
         return query_service_pb2.GetBudgetResponse(
             balances=[balance_message(b, scopes[b.scope].delta) for b in balances]
         )

@@ -2,13 +2,17 @@
 
 Classifies every failure by whether the silo may have released: a silo that could not be reached
 released nothing (its budget share may be cancelled); a call that failed after it was sent
-(deadline, broken connection) may have released, so its share stays charged.
+(deadline, broken connection) may have released, so its share stays charged. A response is
+checked before the gateway uses it (the planned measures, one group per public key in key order,
+finite values, the receipt's silo name and digest); a response that fails the check is a failure
+after the silo may have released.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 
 import grpc
 
@@ -18,6 +22,7 @@ from gateway.crypto.dev_ca import TlsFiles, silo_server_name
 from gateway.errors import ReleaseRefused, SilogateError, SiloUnavailable
 from gateway.server.status import parse_rpc_error
 from gateway.settings import SiloEndpoint
+from gateway.silo.receipt import release_digest
 
 # Codes with which a silo tells that it refused the plan before computing anything.
 _REFUSALS = {
@@ -63,9 +68,14 @@ class SiloClients:
         }
 
     async def release(
-        self, silo: str, request: silo_service_pb2.ReleaseRequest, timeout: float
+        self,
+        silo: str,
+        request: silo_service_pb2.ReleaseRequest,
+        timeout: float,
+        keys: Sequence[tuple[str, ...]],
     ) -> silo_service_pb2.ReleaseResponse:
-        """Ask one silo for a release; raises SiloFailure classifying the outcome."""
+        """Ask one silo for a release of every public group ``keys``; raises SiloFailure
+        classifying the outcome."""
         if silo not in self._stubs:
             raise SiloFailure(
                 silo,
@@ -87,7 +97,6 @@ class SiloClients:
             response: silo_service_pb2.ReleaseResponse = await self._stubs[silo].Release(
                 request, timeout=timeout
             )
-            return response
         except grpc.RpcError as err:
             remote = parse_rpc_error(err)
             if remote.code in _REFUSALS:
@@ -109,7 +118,56 @@ class SiloClients:
                 ),
                 may_have_released=True,
             ) from err
+        problem = release_problem(silo, request, response, keys)
+        if problem is not None:
+            raise SiloFailure(
+                silo,
+                SiloUnavailable(
+                    f"silo '{silo}' returned an invalid release ({problem}); its share of the "
+                    "budget stays charged",
+                    reason="SILO_RESPONSE_INVALID",
+                    metadata={"silo": silo, "budget_spent": "true", "problem": problem},
+                ),
+                may_have_released=True,
+            )
+        return response
 
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()
+
+
+def release_problem(
+    silo: str,
+    request: silo_service_pb2.ReleaseRequest,
+    response: silo_service_pb2.ReleaseResponse,
+    keys: Sequence[tuple[str, ...]],
+) -> str | None:
+    """What is wrong with a silo's response to ``request``, or None when it is well formed.
+
+    The description names measures and counts only, never a released value.
+    """
+    planned = [plan.measure.id for plan in request.plans]
+    released = [r.measure_id for r in response.releases]
+    if sorted(released) != sorted(planned):
+        return f"released measures {sorted(released)}, planned {sorted(planned)}"
+    for release in response.releases:
+        if len(release.groups) != len(keys):
+            return f"measure '{release.measure_id}' has {len(release.groups)} groups, expected {len(keys)}"
+        for group, key in zip(release.groups, keys, strict=True):
+            if tuple(group.keys) != key:
+                return f"measure '{release.measure_id}' has a group out of key-set order"
+            if len(group.values) != 1 or group.values[0].measure_id != release.measure_id:
+                return f"measure '{release.measure_id}' has a group without exactly its one value"
+            value = group.values[0]
+            if not (math.isfinite(value.value) and math.isfinite(value.error95)):
+                return f"measure '{release.measure_id}' has a value that is not finite"
+            if value.error95 < 0:
+                return f"measure '{release.measure_id}' has a negative error"
+    if response.receipt.silo != silo:
+        return "the receipt names another silo"
+    if response.receipt.digest != release_digest(
+        request.request_id, request.consumer, response.releases
+    ):
+        return "the receipt's digest does not match the released values"
+    return None

@@ -7,12 +7,15 @@ reason ``INTERNAL`` and no detail: tracebacks go to the server log, never to the
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from fractions import Fraction
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -22,6 +25,7 @@ from grpc_status import rpc_status
 from gateway.errors import (
     BudgetExhausted,
     ConfigurationError,
+    DeadlineTooShort,
     FieldViolation,
     InvalidQuery,
     LedgerUnavailable,
@@ -30,6 +34,7 @@ from gateway.errors import (
     RequestConflict,
     SilogateError,
     SiloUnavailable,
+    TooManyRequests,
     Unauthenticated,
 )
 
@@ -41,6 +46,10 @@ _CODES: dict[type[SilogateError], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PolicyDenied: grpc.StatusCode.PERMISSION_DENIED,
     BudgetExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    TooManyRequests: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    # The deadline is part of what the caller sent: the same call with the same deadline would
+    # fail again, so it is not a transient error the client should retry.
+    DeadlineTooShort: grpc.StatusCode.INVALID_ARGUMENT,
     ReleaseRefused: grpc.StatusCode.FAILED_PRECONDITION,
     SiloUnavailable: grpc.StatusCode.UNAVAILABLE,
     RequestConflict: grpc.StatusCode.ALREADY_EXISTS,
@@ -56,10 +65,29 @@ def status_code(err: SilogateError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# The status travels in the trailers, which gRPC clients cap (8 KiB by default). A status that
+# echoed a long request string or listed thousands of violations would reach the caller as a
+# transport error instead of its reason, so each part is clipped; the full count of violations
+# stays in the metadata (``violations``).
+_MAX_MESSAGE = 400
+_MAX_VALUE = 200
+_MAX_VIOLATIONS = 5
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
 def to_status(err: SilogateError) -> grpc.Status:
     code = status_code(err)
     info = any_pb2.Any()
-    info.Pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata))
+    info.Pack(
+        error_details_pb2.ErrorInfo(
+            reason=err.reason,
+            domain=DOMAIN,
+            metadata={k: _clip(v, _MAX_VALUE) for k, v in err.metadata.items()},
+        )
+    )
     details = [info]
     if err.violations:
         bad = any_pb2.Any()
@@ -67,15 +95,18 @@ def to_status(err: SilogateError) -> grpc.Status:
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(
-                        field=v.field, description=v.description
+                        field=_clip(v.field, _MAX_VALUE),
+                        description=_clip(v.description, _MAX_VALUE),
                     )
-                    for v in err.violations
+                    for v in err.violations[:_MAX_VIOLATIONS]
                 ]
             )
         )
         details.append(bad)
     return rpc_status.to_status(
-        status_pb2.Status(code=code.value[0], message=err.message, details=details)
+        status_pb2.Status(
+            code=code.value[0], message=_clip(err.message, _MAX_MESSAGE), details=details
+        )
     )
 
 
@@ -124,41 +155,84 @@ def parse_rpc_error(err: grpc.RpcError) -> RemoteError:
     )
 
 
+@dataclass
+class RequestFacts:
+    """What a handler learns about its request that the log line and the metrics report: the
+    consumer once identified, the privacy cost once charged (exact rho)."""
+
+    consumer: str = ""
+    cost_rho: Fraction | None = None
+
+
+_FACTS: ContextVar[RequestFacts | None] = ContextVar("silogate_request_facts", default=None)
+
+
+def request_facts() -> RequestFacts:
+    """The facts of the request being handled (a throwaway object outside ``rpc_boundary``)."""
+    return _FACTS.get() or RequestFacts()
+
+
+class RequestObserver(Protocol):
+    """Receives every finished request (the gateway's metrics)."""
+
+    def observe_request(self, method: str, code: str, reason: str, seconds: float) -> None: ...
+
+
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 
 
 def rpc_boundary(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Translate domain errors to status and write one log line per request."""
+    """Translate domain errors to status and write one log line per request.
+
+    The line holds the request id, the consumer and cost the handler recorded in
+    :func:`request_facts`, the method, status code and reason, and the latency. A servicer with
+    a ``metrics`` attribute (a :class:`RequestObserver`) also gets every request counted.
+    """
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
         started = time.perf_counter()
-        outcome = "OK"
+        facts = RequestFacts()
+        token = _FACTS.set(facts)
+        code, reason = grpc.StatusCode.OK, "OK"
         try:
             return await method(self, request, context)
         except grpc.aio.AbortError:
-            outcome = "ABORTED_BY_HANDLER"
+            code, reason = grpc.StatusCode.UNKNOWN, "ABORTED_BY_HANDLER"
+            raise
+        except asyncio.CancelledError:
+            # The caller went away (or its deadline passed) while the handler waited.
+            code, reason = grpc.StatusCode.CANCELLED, "CANCELLED"
             raise
         except SilogateError as err:
-            outcome = err.reason
+            code, reason = status_code(err), err.reason
             await context.abort_with_status(to_status(err))
             raise  # unreachable: abort_with_status raises
         except Exception:
-            outcome = "INTERNAL"
+            code, reason = grpc.StatusCode.INTERNAL, "INTERNAL"
             log.exception("unexpected error in %s", method.__name__)
             await context.abort_with_status(internal_status())
             raise
         finally:
+            _FACTS.reset(token)
+            seconds = time.perf_counter() - started
+            cost = facts.cost_rho
             log.info(
                 "rpc",
                 extra={
                     "rpc": method.__name__,
                     "request_id": getattr(request, "request_id", ""),
-                    "status": outcome,
-                    "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+                    "consumer": facts.consumer,
+                    "status": code.name,
+                    "reason": reason,
+                    "latency_ms": round(seconds * 1000, 2),
+                    "cost_rho": "" if cost is None else str(cost),
                 },
             )
+            observer: RequestObserver | None = getattr(self, "metrics", None)
+            if observer is not None:
+                observer.observe_request(method.__name__, code.name, reason, seconds)
 
     return wrapper

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from gateway.api.v1 import silo_service_pb2, silo_service_pb2_grpc
-from gateway.audit.log import AuditLog
+from gateway.audit.log import AuditLog, open_audit_log
 from gateway.crypto.channels import server_credentials
 from gateway.errors import ConfigurationError, PolicyInvalid
 from gateway.policy.holder import PolicyHolder
@@ -33,13 +33,16 @@ class SiloProcess:
         await self.servicer.policy.stop_watching()
         await self.running.stop(grace)
         self.servicer.engine.close()
+        self.servicer.release_log.close()  # signs a last checkpoint
 
 
 async def start_silo(config: SiloConfig) -> SiloProcess:
     """Open the database, load the policy (its tables must exist), then listen."""
     credentials = server_credentials(config.tls.files())
     engine = DuckDbEngine(config.database)
-    release_log = AuditLog(config.release_log)
+    release_log = open_audit_log(
+        config.release_log, config.audit_log, origin=f"silogate/silo/{config.silo}"
+    )
     try:
         policy = PolicyHolder(
             config.policy,
@@ -52,6 +55,7 @@ async def start_silo(config: SiloConfig) -> SiloProcess:
         )
     except BaseException:
         engine.close()
+        release_log.close()
         raise
     servicer = SiloServicer(config.silo, policy, engine, release_log, config.gateway_identity)
     running = await create_server(
@@ -62,6 +66,7 @@ async def start_silo(config: SiloConfig) -> SiloProcess:
         reflection_enabled=config.reflection,
     )
     policy.start_watching(config.policy_reload_seconds)
+    release_log.start_checkpoints()
     return SiloProcess(running, servicer)
 
 

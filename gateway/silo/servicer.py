@@ -7,9 +7,8 @@ aggregate, a row, or SQL.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
-import hashlib
-import json
 from fractions import Fraction
 
 import grpc
@@ -24,8 +23,9 @@ from gateway.privacy.noise import MechanismName, add_noise, error95, satisfies
 from gateway.privacy.sensitivity import l1_sensitivity
 from gateway.query.form import parse_query
 from gateway.query.validate import group_keys, validate_against_policy
-from gateway.server.status import rpc_boundary
+from gateway.server.status import request_facts, rpc_boundary
 from gateway.silo.engine import DuckDbEngine
+from gateway.silo.receipt import release_digest
 from gateway.silo.sql import compile_release_sql
 
 MECHANISMS: dict[int, MechanismName] = {
@@ -75,6 +75,7 @@ class SiloServicer(silo_service_pb2_grpc.SiloServiceServicer):
         self, request: silo_service_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> silo_service_pb2.ReleaseResponse:
         self._require_gateway(context)
+        request_facts().consumer = request.consumer  # for the silo's request log line
         bundle = self.policy.current
         if request.policy_version != bundle.version:
             raise ReleaseRefused(
@@ -149,19 +150,11 @@ class SiloServicer(silo_service_pb2_grpc.SiloServiceServicer):
                 )
             )
         released_at = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-        content = json.dumps(
-            {
-                "request_id": request.request_id,
-                "consumer": request.consumer,
-                "releases": [
-                    {"measure": r.measure_id, "values": [g.values[0].value for g in r.groups]}
-                    for r in releases
-                ],
-            },
-            sort_keys=True,
-        )
-        digest = hashlib.sha256(content.encode()).hexdigest()
-        self.release_log.append(
+        digest = release_digest(request.request_id, request.consumer, releases)
+        # In a worker thread: the append waits for its disk sync, and the silo keeps serving other
+        # releases meanwhile (concurrent appends share one sync). Awaited before answering.
+        await asyncio.to_thread(
+            self.release_log.append,
             "release",
             {
                 "request_id": request.request_id,

@@ -596,6 +596,23 @@ class LedgerMachine(RuleBasedStateMachine):
         self.ledger.cancel(CONSUMER, request_id)
         self.model.requests[request_id].state = "cancelled"
 
+    @precondition(lambda self: bool(self.model.ids("reserved")))
+    @rule(pick=st.integers(0, 1000), parts=st.lists(st.fractions(0, 1, max_denominator=6)))
+    def cancel_share(self, pick: int, parts: list[Fraction]) -> None:
+        """A silo that released nothing: part of each scope's charge (0 to all of it) goes back,
+        possibly in a later window than the one charged; the rest stays reserved."""
+        open_ids = self.model.ids("reserved")
+        request_id = open_ids[pick % len(open_ids)]
+        request = self.model.requests[request_id]
+        keys = sorted(request.charges)
+        shares = {
+            key.split("@")[0]: request.charges[key] * part
+            for key, part in zip(keys, parts, strict=False)
+        }
+        self.ledger.cancel_share(CONSUMER, request_id, shares)
+        for key in keys:
+            request.charges[key] -= shares.get(key.split("@")[0], Fraction(0))
+
     @precondition(lambda self: bool(self.model.ids("cancelled")))
     @rule(pick=st.integers(0, 1000), cost=costs)
     def retry_cancelled(self, pick: int, cost: Fraction) -> None:

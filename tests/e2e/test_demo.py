@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.audit.store import iter_records
+
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_stops_every_process(tmp_path: Path) -> None:
@@ -42,8 +44,19 @@ def test_demo_runs_end_to_end_and_stops_every_process(tmp_path: Path) -> None:
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open"
     # Each silo logged its own releases; the gateway's audit log has every query.
-    civil_log = (tmp_path / "state" / "silo-civil" / "audit.jsonl").read_text()
-    assert civil_log.count('"kind":"release"') == 2  # two queries asked civil affairs' silo
-    audit = (tmp_path / "state" / "gateway" / "audit" / "audit.jsonl").read_text().splitlines()
-    assert sum('"decision":"released"' in line for line in audit) == 3
-    assert sum('"decision":"denied"' in line for line in audit) == 1
+    civil_log = list(iter_records(tmp_path / "state" / "silo-civil"))
+    assert sum(r["kind"] == "release" for r in civil_log) == 2  # civil affairs' silo asked twice
+    audit = list(iter_records(tmp_path / "state" / "gateway" / "audit"))
+    assert sum(r.get("decision") == "released" for r in audit) == 3
+    assert sum(r.get("decision") == "denied" for r in audit) == 1
+    # Both kinds of log were closed with a signed checkpoint that covers every record.
+    for log, key in (("gateway/audit", "gateway-audit"), ("silo-civil", "silo-audit")):
+        verified = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "audit", "verify"]
+            + [str(tmp_path / "state" / log), "--key", str(tmp_path / "keys" / f"{key}.pub")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert verified.returncode == 0 and "warning" not in verified.stdout, verified.stdout

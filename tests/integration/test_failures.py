@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 from ruamel.yaml import YAML
 from support import POLICY, BackgroundLoop, gateway_config, tls_config
 
+from gateway.audit.store import iter_records
 from gateway.client import ClientError, SilogateClient, count
 from gateway.crypto.dev_ca import GATEWAY_IDENTITY
 from gateway.server.app import start_gateway
@@ -52,10 +52,7 @@ def test_unreachable_silo_fails_clearly_and_spends_nothing(system, tmp_path: Pat
     finally:
         loop.run(gateway.stop(0))
         loop.close()
-    records = [
-        json.loads(line)
-        for line in (tmp_path / "state" / "audit" / "audit.jsonl").read_text().splitlines()
-    ]
+    records = list(iter_records(tmp_path / "state" / "audit"))
     failed = [r for r in records if r.get("request_id") == "to-a-dead-silo"]
     assert len(failed) == 1 and failed[0]["decision"] == "failed"
     assert failed[0]["reason"] == "SILO_UNAVAILABLE"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import uuid
 
@@ -17,6 +16,7 @@ from gateway.api.v1 import (
     silo_service_pb2,
     silo_service_pb2_grpc,
 )
+from gateway.audit.store import iter_records
 from gateway.client import ClientError, count, where
 from gateway.crypto.channels import channel_credentials
 from gateway.server.status import parse_rpc_error
@@ -213,8 +213,7 @@ def test_denied_query_spends_nothing_and_is_audited(system) -> None:
         assert caught.value.reason == "POLICY_DENIED"
         assert "no-health-data-to-org" in caught.value.message
         assert budget_spent(client) == before
-    audit = (system.root / "state" / "audit" / "audit.jsonl").read_text()
-    records = [json.loads(line) for line in audit.splitlines()]
+    records = list(iter_records(system.root / "state" / "audit"))
     denied = [r for r in records if r.get("request_id") == "denied-health"]
     assert len(denied) == 1 and denied[0]["decision"] == "denied"
     assert denied[0]["reason"] == "POLICY_DENIED" and denied[0]["consumer"] == "org-department"
@@ -332,8 +331,9 @@ def test_repeated_query_is_answered_from_the_cache_at_no_cost(system) -> None:
     assert second.rho == "0" and second.request_id != first.request_id
     assert second.raw.groups == first.raw.groups  # the same noisy numbers, not a new draw
     assert second.audit_sequence > first.audit_sequence
-    audit = (system.root / "state" / "audit" / "audit.jsonl").read_text().splitlines()
-    record = json.loads(audit[second.audit_sequence])
+    audit = list(iter_records(system.root / "state" / "audit"))
+    record = audit[second.audit_sequence]
+    assert record["seq"] == second.audit_sequence
     assert record["decision"] == "cached" and record["cached_from"] == first.audit_sequence
 
 

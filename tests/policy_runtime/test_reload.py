@@ -8,7 +8,6 @@ plans decided under another version, so a query is only meaningful once both agr
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 from support import BackgroundLoop, edit_rule, gateway_config, silo_config, wait_until
 
 from gateway.api.v1 import query_service_pb2, silo_service_pb2, silo_service_pb2_grpc
+from gateway.audit.store import iter_records
 from gateway.client import ClientError, SilogateClient, count
 from gateway.crypto.channels import channel_credentials
 from gateway.crypto.dev_ca import DevPki
@@ -75,8 +75,7 @@ class Running:
 
     def records(self, who: str, kind: str) -> list[dict[str, Any]]:
         folder = self.root / "state" / ("audit" if who == "gateway" else "silo-civil")
-        lines = (folder / "audit.jsonl").read_text().splitlines()
-        return [r for r in map(json.loads, lines) if r["kind"] == kind]
+        return [r for r in iter_records(folder) if r["kind"] == kind]
 
     def wait_for_records(self, who: str, kind: str, n: int) -> list[dict[str, Any]]:
         return wait_until(lambda: (r := self.records(who, kind)) and len(r) >= n and r)

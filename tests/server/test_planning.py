@@ -50,3 +50,16 @@ def test_a_rule_can_turn_the_answer_cache_off() -> None:
     bundle = replace(bundle, rules=rules)
     query = _query()
     assert not plan_query(bundle, decide(bundle, "civil-affairs", query), query).cacheable
+
+
+def test_each_silo_share_pays_for_its_own_measures_and_the_shares_add_up() -> None:
+    bundle = load_bundle(POLICY)
+    query = _query()
+    plan = plan_query(bundle, decide(bundle, "civil-affairs", query), query)
+    grant = "consumer:civil-affairs/rule:civil-elderly-care/lifetime"
+    population = "population:city-residents/lifetime"
+    assert plan.silo_share("civil") == {grant: Fraction(1, 8), population: Fraction(1, 8)}
+    assert plan.silo_share("org") == {grant: Fraction(1, 32), population: Fraction(1, 32)}
+    assert plan.silo_share("events") == {}
+    for scope, total in plan.charges.items():
+        assert sum(plan.silo_share(s).get(scope, Fraction(0)) for s in plan.silos) == total

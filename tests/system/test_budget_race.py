@@ -20,7 +20,7 @@ from support import BackgroundLoop, tls_config
 from gateway.client import ClientError, SilogateClient, count
 from gateway.crypto.dev_ca import GATEWAY_IDENTITY
 from gateway.server.app import start_gateway
-from gateway.settings import GatewayConfig, SiloConfig, SiloEndpoint
+from gateway.settings import GatewayConfig, GatewayLimits, SiloConfig, SiloEndpoint
 from gateway.silo.app import start_silo
 
 QUERIES = 500
@@ -53,6 +53,9 @@ def test_concurrent_queries_never_overspend(data_dir: Path, pki, tmp_path: Path)
                 ledger=tmp_path / "ledger.sqlite",
                 audit=tmp_path / "audit",
                 silos={n: SiloEndpoint(address=f"127.0.0.1:{s.port}") for n, s in silos.items()},
+                # The race needs all 32 threads in flight at once, beyond the default 8 per
+                # consumer (TOO_MANY_REQUESTS would hide an overspend instead of racing it).
+                limits=GatewayLimits(max_in_flight_per_consumer=32),
             )
         )
     )

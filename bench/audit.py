@@ -1,0 +1,196 @@
+"""Audit log: append throughput with durability on, and ``verify`` speed.
+
+Append: records shaped like the gateway's released-query records (about 700 bytes), each
+durable (``fdatasync``) before ``append`` returns. Measured with one writer (one sync per record:
+nothing to share) and with concurrent writers (group commit: one sync covers every record
+written while the previous sync ran). Baselines in the same run, on the same disk, with the same
+bytes: ``write`` + ``fdatasync`` per record, and the same with one sync per batch of the size
+group commit achieved. Issue 7's target: >= 5,000 records per second.
+
+Verify: ``silogate audit verify``'s work on a log of such records with a checkpoint every 1,000
+records (canonical-form check, sequence, receipts, Merkle tree, signatures, consistency).
+Baseline: reading the same lines and hashing each once (SHA-256), the least any verifier does.
+Issue 7's target: >= 20,000 records per second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from Crypto.PublicKey import ECC
+
+from gateway.audit import jcs
+from gateway.audit.checkpoint import CheckpointSigner
+from gateway.audit.log import AuditLog, AuditLogOptions
+from gateway.audit.store import list_segments
+from gateway.audit.verify import verify_with_keys
+
+APPEND_TARGET = 5_000
+VERIFY_TARGET = 20_000
+SINGLE = 1_000  # records written by one thread (one sync each)
+CONCURRENT = 20_000  # records written by the concurrent writers
+WRITERS = 32
+VERIFY_RECORDS = 100_000
+_sync = getattr(os, "fdatasync", os.fsync)
+
+
+def _record(number: int) -> dict[str, object]:
+    return {
+        "request_id": f"bench-{number}",
+        "consumer": "civil-affairs",
+        "purpose": "elderly-care-planning",
+        "policy_version": "ab" * 32,
+        "rules": ["civil-elderly-care"],
+        "query": {
+            "measures": [{"id": "aged", "kind": "count", "dataset": "civil.residents"}],
+            "group_by": [],
+            "purpose": "elderly-care-planning",
+        },
+        "digest": "cd" * 32,
+        "decision": "released",
+        "rho": "1/200",
+        "scales": {"aged": 14.142135623730951},
+        "values": [[[], "aged", 1234.5 + number, False]],
+        "receipts": [{"silo": "civil", "digest": f"{number:064x}", "at": "2026-01-01T00:00:00Z"}],
+    }
+
+
+def _line(number: int) -> bytes:
+    record = {"seq": number, "time": "2026-01-01T00:00:00.000+00:00", "kind": "query"}
+    return jcs.canonicalize({**record, **_record(number)}) + b"\n"
+
+
+def _raw_appends(path: Path, count: int, batch: int) -> float:
+    """Records per second writing the same lines with one ``fdatasync`` per ``batch`` lines."""
+    lines = [_line(n) for n in range(count)]
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        started = time.perf_counter()
+        for index, line in enumerate(lines, start=1):
+            os.write(fd, line)
+            if index % batch == 0 or index == count:
+                _sync(fd)
+        return count / (time.perf_counter() - started)
+    finally:
+        os.close(fd)
+
+
+class _CountingSync:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, fd: int) -> None:
+        self.calls += 1
+        _sync(fd)
+
+
+def _log_appends(
+    directory: Path, signer: CheckpointSigner, count: int, writers: int
+) -> tuple[float, int]:
+    """(records per second, syncs) appending ``count`` records from ``writers`` threads."""
+    import gateway.audit.log as log_module
+
+    counting = _CountingSync()
+    log_module._sync = counting
+    try:
+        log = AuditLog(directory, signer=signer, options=AuditLogOptions())
+        log.start_checkpoints()
+        per_writer = count // writers
+
+        def write(worker: int) -> None:
+            for number in range(per_writer):
+                log.append("query", _record(worker * per_writer + number))
+
+        threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - started
+        log.close()
+        return per_writer * writers / elapsed, counting.calls
+    finally:
+        log_module._sync = _sync
+
+
+def _write_verify_log(directory: Path, signer: CheckpointSigner, count: int) -> None:
+    """A log of ``count`` records, written fast (one sync per segment: it is a fixture)."""
+    import gateway.audit.log as log_module
+
+    log_module._sync = lambda fd: None
+    try:
+        log = AuditLog(directory, signer=signer, options=AuditLogOptions())
+        for number in range(count):
+            log.append("query", _record(number))
+            if number % 1000 == 999:
+                log.checkpoint()
+        log.close()
+    finally:
+        log_module._sync = _sync
+
+
+def _hash_lines(directory: Path) -> float:
+    started = time.perf_counter()
+    count = 0
+    for segment in list_segments(directory):
+        with segment.path.open("rb") as handle:
+            for line in handle:
+                hashlib.sha256(b"\x00" + line[:-1]).digest()
+                count += 1
+    return count / (time.perf_counter() - started)
+
+
+def run() -> None:
+    print("\n== audit log (issue 7) ==")
+    # On the project's disk, not a RAM-backed /tmp: fsync cost is what is measured.
+    base = Path(__file__).resolve().parents[1] / "work"
+    base.mkdir(exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="bench-audit-", dir=base))
+    try:
+        key = ECC.generate(curve="ed25519")
+        signer = CheckpointSigner(key, "bench/audit")
+        raw_each = _raw_appends(root / "raw-each.jsonl", SINGLE, batch=1)
+        single, single_syncs = _log_appends(root / "single", signer, SINGLE, writers=1)
+        many, many_syncs = _log_appends(root / "many", signer, CONCURRENT, writers=WRITERS)
+        batch = max(1, round(CONCURRENT / max(many_syncs, 1)))
+        raw_batched = _raw_appends(root / "raw-batched.jsonl", CONCURRENT, batch=batch)
+        print(f"baseline write+fdatasync per record:      {raw_each:10,.0f} records/s")
+        print(
+            f"AuditLog.append, 1 writer:                 {single:10,.0f} records/s "
+            f"({single / raw_each:.2f}x baseline, {single_syncs} syncs)"
+        )
+        print(f"baseline write, fdatasync per {batch:>3} records: {raw_batched:10,.0f} records/s")
+        print(
+            f"AuditLog.append, {WRITERS} writers (group commit): {many:10,.0f} records/s "
+            f"({many / raw_each:.1f}x the per-record baseline, {many / raw_batched:.2f}x the "
+            f"batched one; {many_syncs} syncs for {CONCURRENT} records) "
+            f"target >= {APPEND_TARGET:,}: {'met' if many >= APPEND_TARGET else 'NOT met'}"
+        )
+
+        _write_verify_log(root / "verify", signer, VERIFY_RECORDS)
+        hashed = _hash_lines(root / "verify")
+        started = time.perf_counter()
+        report = verify_with_keys(root / "verify", [key.public_key()])
+        verified = VERIFY_RECORDS / (time.perf_counter() - started)
+        assert report.ok and report.records == VERIFY_RECORDS, report.render()
+        print(f"baseline read + SHA-256 per line:          {hashed:10,.0f} records/s")
+        print(
+            f"audit verify ({VERIFY_RECORDS:,} records, {report.checkpoints} checkpoints): "
+            f"{verified:10,.0f} records/s ({verified / hashed:.2f}x baseline) "
+            f"target >= {VERIFY_TARGET:,}: {'met' if verified >= VERIFY_TARGET else 'NOT met'}"
+        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,669 @@
+"""``silogate audit verify``: recompute the whole log and hold it against its signed checkpoints.
+
+What is checked, in one pass over the segments (memory: about 64 bytes per record for the
+Merkle tree, nothing per record otherwise):
+
+- segments follow each other without gaps; each ``.start.json`` holds exactly the frontier of
+  the records before it and a checkpoint, signed by one of the keys, for that size;
+- every record line is canonical JSON (RFC 8785), a JSON object, with the sequence number of its
+  position, a kind and a time; a released query carries a receipt from each silo it used;
+- every checkpoint in ``checkpoints.jsonl`` verifies with one of the keys, has the log's origin,
+  covers no more records than the log has, has the root recomputed from the records, and is
+  consistent (RFC 9162 proof, generated and verified) with the one before it; no size has two
+  roots; the published ``checkpoint`` is one of them;
+- with ``--state FILE``: the checkpoint verified on the previous run is proved consistent with
+  the latest one (the log only grew), and on success the file remembers the latest.
+
+A last line without a newline at the end of the newest segment, and records after the latest
+checkpoint, are warnings: a crash leaves exactly that, and nothing in them was ever covered by
+a signature (a covered record that is cut or missing fails through its checkpoint).
+
+This module never raises on damaged input: every problem becomes a :class:`Finding` with file,
+line and sequence number where they are known. It never writes anything but the state file, and
+that only when every check passed.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from Crypto.PublicKey import ECC
+
+from gateway.audit import jcs
+from gateway.audit.checkpoint import (
+    MAX_NOTE_BYTES,
+    Checkpoint,
+    CheckpointError,
+    load_verification_key,
+    open_checkpoint,
+)
+from gateway.audit.errors import AuditLogCorrupt
+from gateway.audit.merkle import (
+    MerkleTree,
+    MissingLeaves,
+    ProofError,
+    leaf_hash,
+    verify_consistency,
+)
+from gateway.audit.store import (
+    CHECKPOINTS_FILE,
+    DEFAULT_MAX_LINE_BYTES,
+    LATEST_CHECKPOINT_FILE,
+    Segment,
+    SegmentStart,
+    list_segments,
+    read_segment_start,
+    scan_lines,
+)
+
+_HEX = frozenset("0123456789abcdef")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem (or warning) and where it is: file, line (1-based), sequence number."""
+
+    file: str
+    line: int | None
+    seq: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        if self.seq is not None:
+            where += f" (seq {self.seq})"
+        return f"{where}: {self.message}"
+
+
+class _Stop(Exception):
+    """The first failure ends a fail-fast run (the verdict is already known)."""
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` found; ``ok`` when there is no failure (warnings allowed)."""
+
+    directory: Path
+    max_failures: int = 20
+    fail_fast: bool = False
+    records: int = 0
+    segments: int = 0
+    checkpoints: int = 0
+    latest: Checkpoint | None = None
+    latest_note: str | None = None
+    failures: list[Finding] = field(default_factory=list)
+    failure_count: int = 0
+    warnings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.failure_count == 0
+
+    def fail(self, file: str, line: int | None, seq: int | None, message: str) -> None:
+        self.failure_count += 1
+        if len(self.failures) < self.max_failures:
+            self.failures.append(Finding(file, line, seq, message))
+        if self.fail_fast:
+            raise _Stop
+
+    def warn(self, file: str, line: int | None, seq: int | None, message: str) -> None:
+        if len(self.warnings) < self.max_failures:
+            self.warnings.append(Finding(file, line, seq, message))
+
+    def render(self) -> str:
+        lines = []
+        summary = (
+            f"{self.records} records in {self.segments} segment(s), "
+            f"{self.checkpoints} checkpoint(s)"
+        )
+        if self.latest is not None:
+            root = base64.b64encode(self.latest.root).decode()
+            summary += f"; latest checkpoint: {self.latest.origin} size {self.latest.size} {root}"
+        if self.ok:
+            lines.append(f"OK: {summary}")
+        else:
+            lines.append(f"FAILED: {self.failure_count} failure(s); {summary}")
+            lines.extend(f"  {finding}" for finding in self.failures)
+            if self.failure_count > len(self.failures):
+                lines.append(f"  ... and {self.failure_count - len(self.failures)} more")
+        lines.extend(f"warning: {finding}" for finding in self.warnings)
+        lines.extend(self.notes)
+        return "\n".join(lines) + "\n"
+
+
+def _open_with_any(note: str, keys: Sequence[ECC.EccKey], origin: str | None) -> Checkpoint:
+    """The checkpoint if one of ``keys`` signed it (the first key's error otherwise)."""
+    first_error: CheckpointError | None = None
+    for key in keys:
+        try:
+            return open_checkpoint(note, key, origin)
+        except CheckpointError as err:
+            first_error = first_error or err
+    assert first_error is not None
+    raise first_error
+
+
+def _receipt_problem(record: dict[str, Any]) -> str | None:
+    """Why a released query's silo receipts are not acceptable (None when they are)."""
+    if record.get("kind") != "query" or record.get("decision") != "released":
+        return None
+    receipts = record.get("receipts")
+    if not isinstance(receipts, list) or not receipts:
+        return "a released query without silo receipts"
+    silos = set()
+    for receipt in receipts:
+        if not isinstance(receipt, dict):
+            return "a silo receipt is not an object"
+        silo, digest, at = receipt.get("silo"), receipt.get("digest"), receipt.get("at")
+        if not isinstance(silo, str) or not silo:
+            return "a silo receipt names no silo"
+        if not isinstance(digest, str) or len(digest) != 64 or not _HEX.issuperset(digest):
+            return f"the receipt of silo '{silo}' has no SHA-256 digest"
+        if not isinstance(at, str) or not at:
+            return f"the receipt of silo '{silo}' has no release time"
+        if silo in silos:
+            return f"two receipts from silo '{silo}'"
+        silos.add(silo)
+    return None
+
+
+def _record_problem(record: object, position: int) -> str | None:
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    seq = record.get("seq")
+    if seq != position or isinstance(seq, bool):
+        return f"sequence number {seq!r}, expected {position}"
+    kind, time = record.get("kind"), record.get("time")
+    if not isinstance(kind, str) or not kind:
+        return "no record kind"
+    if not isinstance(time, str):
+        return "no record time"
+    try:
+        dt.datetime.fromisoformat(time)
+    except ValueError:
+        return f"the time {time[:40]!r} is not ISO 8601"
+    return _receipt_problem(record)
+
+
+class _Verifier:
+    def __init__(
+        self,
+        directory: Path,
+        keys: Sequence[ECC.EccKey],
+        report: VerifyReport,
+        *,
+        allow_archived: bool,
+        max_record_bytes: int,
+    ) -> None:
+        self.directory = directory
+        self.keys = keys
+        self.report = report
+        self.allow_archived = allow_archived
+        self.max_record_bytes = max_record_bytes
+        self.tree = MerkleTree()
+        self.origin: str | None = None
+        # Where each segment's records sit, to name lines for a range of sequence numbers.
+        self.segment_of: list[tuple[int, str]] = []
+        self.start_notes: list[tuple[str, str]] = []  # (file, note) of each segment start
+        self.complete = True  # False once records are missing: later roots cannot be recomputed
+
+    # -- records ----------------------------------------------------------------------------
+
+    def records(self) -> None:
+        report = self.report
+        try:
+            segments = list_segments(self.directory)
+        except OSError as err:
+            report.fail(self.directory.name, None, None, f"cannot list: {err.strerror}")
+            self.complete = False
+            return
+        report.segments = len(segments)
+        if not segments:
+            report.fail(self.directory.name, None, None, "no segment files: not an audit log")
+            self.complete = False
+            return
+        for index, segment in enumerate(segments):
+            start = self._start(segment, first=index == 0)
+            if start is None and index == 0:
+                self.complete = False
+                return
+            if segment.first != self.tree.size:
+                missing = f"{self.tree.size}..{segment.first - 1}"
+                report.fail(
+                    segment.name,
+                    None,
+                    segment.first,
+                    f"records {missing} are missing (a segment was removed)"
+                    if segment.first > self.tree.size
+                    else f"the segment overlaps the previous one (it ends at {self.tree.size})",
+                )
+                self.complete = False
+                return
+            if start is not None:
+                self._check_frontier(segment, start)
+            self.segment_of.append((segment.first, segment.name))
+            if not self._segment_records(segment, last=index == len(segments) - 1):
+                self.complete = False
+                return
+
+    def _start(self, segment: Segment, *, first: bool) -> SegmentStart | None:
+        report = self.report
+        try:
+            start = read_segment_start(segment)
+        except AuditLogCorrupt as err:
+            report.fail(segment.start_path.name, None, None, err.message.split(": ", 1)[-1])
+            return None
+        if start.checkpoint is not None:
+            try:
+                checkpoint = _open_with_any(start.checkpoint, self.keys, self.origin)
+            except CheckpointError as err:
+                report.fail(segment.start_path.name, 1, None, f"its checkpoint: {err}")
+            else:
+                self.origin = self.origin or checkpoint.origin
+                if checkpoint.size != start.first or checkpoint.root != start.frontier.root():
+                    report.fail(
+                        segment.start_path.name,
+                        1,
+                        None,
+                        f"its checkpoint (size {checkpoint.size}) does not match its frontier",
+                    )
+                self.start_notes.append((segment.start_path.name, start.checkpoint))
+        elif start.first > 0:
+            report.warn(segment.start_path.name, 1, None, "the segment start is not signed")
+        if first and start.first > 0:
+            if not self.allow_archived:
+                report.fail(
+                    segment.name,
+                    None,
+                    start.first,
+                    f"records 0..{start.first - 1} are missing (archived? --allow-archived "
+                    "verifies from the first segment present)",
+                )
+            elif start.checkpoint is None:
+                report.fail(
+                    segment.start_path.name,
+                    1,
+                    None,
+                    "cannot start after archived segments: this start has no signed checkpoint",
+                )
+            report.notes.append(f"note: verified from sequence number {start.first} on")
+            self.tree = MerkleTree(start.frontier)
+        return start
+
+    def _check_frontier(self, segment: Segment, start: SegmentStart) -> None:
+        for a, b, digest in start.frontier.subtrees():
+            if self.tree.subtree(a, b) != digest:
+                self.report.fail(
+                    segment.start_path.name,
+                    1,
+                    None,
+                    "its frontier does not match the records before the segment",
+                )
+                return
+
+    def _segment_records(self, segment: Segment, *, last: bool) -> bool:
+        report, tree = self.report, self.tree
+        try:
+            lines = scan_lines(segment.path, self.max_record_bytes)
+            for line in lines:
+                position = tree.size
+                if not line.terminated:
+                    if last:
+                        report.warn(
+                            segment.name,
+                            line.number,
+                            position,
+                            f"a record cut short ({line.length} bytes, no newline): a write "
+                            "interrupted by a crash, never acknowledged; the log drops it "
+                            "when it next starts",
+                        )
+                        return True
+                    report.fail(segment.name, line.number, position, "the line is cut short")
+                    return False
+                if line.data is None:
+                    report.fail(
+                        segment.name,
+                        line.number,
+                        position,
+                        f"a line of {line.length} bytes, above the record limit "
+                        f"{self.max_record_bytes}; roots cannot be recomputed past it",
+                    )
+                    return False
+                tree.append(leaf_hash(line.data))
+                report.records += 1
+                try:
+                    record = jcs.canonical_value(line.data)
+                except ValueError as err:
+                    report.fail(segment.name, line.number, position, f"not a record: {err}")
+                    continue
+                problem = _record_problem(record, position)
+                if problem is not None:
+                    report.fail(segment.name, line.number, position, problem)
+        except OSError as err:
+            report.fail(segment.name, None, None, f"unreadable: {err.strerror}")
+            return False
+        return True
+
+    def _where(self, first: int, end: int) -> str:
+        """``segment-….jsonl lines a..b`` for sequence numbers ``first``..``end - 1``."""
+        names = [
+            (start, name)
+            for index, (start, name) in enumerate(self.segment_of)
+            if start < end
+            and (index + 1 == len(self.segment_of) or self.segment_of[index + 1][0] > first)
+        ]
+        if len(names) == 1:
+            start, name = names[0]
+            return f"{name} lines {first - start + 1}..{end - start}"
+        return ", ".join(name for _, name in names)
+
+    def _segment_name(self, seq: int) -> str:
+        names = [name for start, name in self.segment_of if start <= seq]
+        return names[-1] if names else self.directory.name
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def checkpoints(self) -> list[str]:
+        report, tree = self.report, self.tree
+        path = self.directory / CHECKPOINTS_FILE
+        notes: list[str] = []
+        if not path.exists():
+            if tree.size:
+                report.fail(CHECKPOINTS_FILE, None, None, "missing: no record is proved")
+            return notes
+        previous: Checkpoint | None = None
+        previous_good = False
+        try:
+            for line in scan_lines(path, MAX_NOTE_BYTES * 2):
+                if not line.terminated:
+                    report.warn(
+                        CHECKPOINTS_FILE,
+                        line.number,
+                        None,
+                        "a checkpoint cut short by a crash (never published)",
+                    )
+                    break
+                note = self._note_line(line.number, line.data)
+                if note is None:
+                    continue
+                try:
+                    checkpoint = _open_with_any(note, self.keys, self.origin)
+                except CheckpointError as err:
+                    report.fail(CHECKPOINTS_FILE, line.number, None, str(err))
+                    continue
+                self.origin = self.origin or checkpoint.origin
+                report.checkpoints += 1
+                notes.append(note)
+                good = self._checkpoint_matches(line.number, checkpoint)
+                if previous is not None:
+                    if checkpoint.size < previous.size:
+                        report.fail(
+                            CHECKPOINTS_FILE,
+                            line.number,
+                            None,
+                            f"size {checkpoint.size} is below the previous checkpoint's "
+                            f"{previous.size}",
+                        )
+                    elif checkpoint.size == previous.size and checkpoint.root != previous.root:
+                        report.fail(
+                            CHECKPOINTS_FILE,
+                            line.number,
+                            None,
+                            f"a second, different root for size {checkpoint.size}",
+                        )
+                    elif good and previous_good:
+                        self._consistent(line.number, previous, checkpoint)
+                previous, previous_good = checkpoint, good
+                report.latest, report.latest_note = checkpoint, note
+        except OSError as err:
+            report.fail(CHECKPOINTS_FILE, None, None, f"unreadable: {err.strerror}")
+        return notes
+
+    def _note_line(self, number: int, data: bytes | None) -> str | None:
+        try:
+            if data is None:
+                raise ValueError("the line is too long")
+            document = jcs.canonical_value(data)
+            if not isinstance(document, dict) or set(document) != {"note"}:
+                raise ValueError("expected exactly the field 'note'")
+            note = document["note"]
+            if not isinstance(note, str):
+                raise ValueError("'note' is not text")
+        except ValueError as err:
+            self.report.fail(CHECKPOINTS_FILE, number, None, f"not a checkpoint line: {err}")
+            return None
+        return note
+
+    def _checkpoint_matches(self, number: int, checkpoint: Checkpoint) -> bool:
+        report, tree = self.report, self.tree
+        if checkpoint.size > tree.size:
+            if self.complete:
+                report.fail(
+                    CHECKPOINTS_FILE,
+                    number,
+                    None,
+                    f"a checkpoint for size {checkpoint.size}, but the log has only "
+                    f"{tree.size} records (records were cut or removed)",
+                )
+            return False
+        if checkpoint.size < tree.start:
+            return False  # about archived records only
+        try:
+            root = tree.root(checkpoint.size)
+        except MissingLeaves:
+            return False
+        if root != checkpoint.root:
+            previous = self.report.latest.size if self.report.latest is not None else 0
+            first = previous if previous < checkpoint.size else 0
+            report.fail(
+                CHECKPOINTS_FILE,
+                number,
+                None,
+                f"the records do not match the root signed for size {checkpoint.size}: a "
+                f"record in {first}..{checkpoint.size - 1} was changed "
+                f"({self._where(first, checkpoint.size)})",
+            )
+            return False
+        return True
+
+    def _consistent(self, number: int, older: Checkpoint, newer: Checkpoint) -> None:
+        if older.size == 0 or older.size < self.tree.start:
+            return  # everything extends the empty tree; archived sizes have no proof here
+        try:
+            proof = self.tree.consistency_proof(older.size, newer.size)
+            verify_consistency(older.size, newer.size, older.root, newer.root, proof)
+        except (ProofError, MissingLeaves) as err:
+            self.report.fail(
+                CHECKPOINTS_FILE,
+                number,
+                None,
+                f"not consistent with the checkpoint for size {older.size}: {err}",
+            )
+
+    def published(self, notes: list[str]) -> None:
+        report = self.report
+        path = self.directory / LATEST_CHECKPOINT_FILE
+        known = set(notes)
+        for file, note in self.start_notes:
+            if note not in known:
+                report.fail(file, 1, None, "its checkpoint is not in checkpoints.jsonl")
+        if not path.exists():
+            if notes:
+                report.warn(LATEST_CHECKPOINT_FILE, None, None, "missing (not yet published)")
+            return
+        try:
+            data = path.read_bytes()[: MAX_NOTE_BYTES + 1]
+            note = data.decode("utf-8")
+            _open_with_any(note, self.keys, self.origin)
+        except (OSError, UnicodeDecodeError, CheckpointError) as err:
+            report.fail(LATEST_CHECKPOINT_FILE, None, None, f"does not verify: {err}")
+            return
+        if note not in known:
+            report.fail(
+                LATEST_CHECKPOINT_FILE,
+                None,
+                None,
+                "the published checkpoint is not in checkpoints.jsonl",
+            )
+
+    def coverage(self) -> None:
+        report = self.report
+        latest = report.latest.size if report.latest is not None else 0
+        if report.latest is not None and self.tree.size > latest:
+            report.warn(
+                self._segment_name(latest),
+                None,
+                latest,
+                f"records {latest}..{self.tree.size - 1} are not yet covered by a signed "
+                "checkpoint (the next one will cover them)",
+            )
+
+    # -- state ------------------------------------------------------------------------------
+
+    def state(self, state_file: Path) -> Checkpoint | None:
+        """The checkpoint remembered in ``state_file``, proved consistent with the latest."""
+        report = self.report
+        name = state_file.name
+        if not state_file.exists():
+            report.notes.append(f"note: {name} does not exist yet; it will remember this run")
+            return None
+        try:
+            document = json.loads(state_file.read_bytes()[: MAX_NOTE_BYTES * 2])
+            note = document["note"]
+            if not isinstance(note, str):
+                raise TypeError("'note' is not text")
+            remembered = _open_with_any(note, self.keys, self.origin)
+        except (OSError, ValueError, KeyError, TypeError, CheckpointError) as err:
+            report.fail(name, None, None, f"the remembered checkpoint is unreadable: {err}")
+            return None
+        latest = report.latest
+        if latest is None:
+            report.fail(
+                name, None, None, f"remembers size {remembered.size}, the log has no checkpoint"
+            )
+        elif latest.size < remembered.size:
+            report.fail(
+                name,
+                None,
+                None,
+                f"remembers size {remembered.size}, but the log's latest checkpoint is size "
+                f"{latest.size}: the log was rolled back",
+            )
+        elif remembered.size < self.tree.start:
+            report.fail(
+                name,
+                None,
+                None,
+                f"remembers size {remembered.size}, but the records before {self.tree.start} "
+                "were archived: consistency cannot be proved from here",
+            )
+        elif remembered.size == 0:
+            pass  # every log extends the empty one
+        else:
+            try:
+                proof = self.tree.consistency_proof(remembered.size, latest.size)
+                verify_consistency(
+                    remembered.size, latest.size, remembered.root, latest.root, proof
+                )
+            except (ProofError, MissingLeaves, ValueError) as err:
+                report.fail(
+                    name,
+                    None,
+                    None,
+                    f"the log is not an extension of the checkpoint verified before (size "
+                    f"{remembered.size}): {err}",
+                )
+            else:
+                report.notes.append(
+                    f"note: consistent with the checkpoint verified before (size "
+                    f"{remembered.size} -> {latest.size})"
+                )
+        return remembered
+
+
+def verify_log(
+    directory: Path,
+    *,
+    keys: Sequence[Path],
+    state_file: Path | None = None,
+    allow_archived: bool = False,
+    max_failures: int = 20,
+    max_record_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> VerifyReport:
+    """Check the audit log in ``directory`` (see the module docstring). Keys that cannot be
+    read raise ``ConfigurationError``; everything about the log goes into the report."""
+    return verify_with_keys(
+        directory,
+        [load_verification_key(path) for path in keys],
+        state_file=state_file,
+        allow_archived=allow_archived,
+        max_failures=max_failures,
+        max_record_bytes=max_record_bytes,
+    )
+
+
+def verify_with_keys(
+    directory: Path,
+    public_keys: Sequence[ECC.EccKey],
+    *,
+    state_file: Path | None = None,
+    allow_archived: bool = False,
+    max_failures: int = 20,
+    max_record_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    fail_fast: bool = False,
+) -> VerifyReport:
+    """:func:`verify_log` with keys already loaded. With ``fail_fast``, stop at the first
+    failure: the verdict (``ok``) is the same, the report shorter."""
+    directory = Path(directory)
+    report = VerifyReport(directory, max_failures=max(1, max_failures), fail_fast=fail_fast)
+    with contextlib.suppress(_Stop):
+        _run(directory, public_keys, report, state_file, allow_archived, max_record_bytes)
+    return report
+
+
+def _run(
+    directory: Path,
+    public_keys: Sequence[ECC.EccKey],
+    report: VerifyReport,
+    state_file: Path | None,
+    allow_archived: bool,
+    max_record_bytes: int,
+) -> None:
+    if not directory.is_dir():
+        report.fail(directory.name or str(directory), None, None, "not a directory")
+        return
+    verifier = _Verifier(
+        directory,
+        public_keys,
+        report,
+        allow_archived=allow_archived,
+        max_record_bytes=max_record_bytes,
+    )
+    verifier.records()
+    notes = verifier.checkpoints()
+    verifier.published(notes)
+    verifier.coverage()
+    if state_file is not None:
+        verifier.state(state_file)
+        if report.ok and report.latest is not None and report.latest_note is not None:
+            _remember(state_file, report.latest_note)
+            report.notes.append(f"note: {state_file.name} now remembers size {report.latest.size}")
+
+
+def _remember(state_file: Path, note: str) -> None:
+    document = {"note": note, "verified_at": dt.datetime.now(dt.UTC).isoformat()}
+    temporary = state_file.with_name(state_file.name + ".tmp")
+    temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, state_file)
+
+
+__all__ = ["Finding", "VerifyReport", "verify_log", "verify_with_keys"]
