@@ -22,7 +22,9 @@ from gateway.audit.merkle import (
     verify_inclusion,
 )
 
-VECTORS = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "rfc9162"
+# A copy of the workspace's shared/testdata/rfc9162 (transparency-dev/merkle vectors, Apache-2.0,
+# see its README), kept in the repository so a clone anywhere runs the whole suite.
+VECTORS = Path(__file__).resolve().parent / "testdata" / "rfc9162"
 CASES = sorted(VECTORS.rglob("*.json"))
 
 
