@@ -317,9 +317,11 @@ def search_table(records: Sequence[Mapping[str, Any]]) -> Table:
         time = record_time(record)
         if time is not None:  # UTC to the millisecond, as written, without the zone's 6 characters
             cells["time"] = time.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-        cells["datasets"] = "\n".join(cells["datasets"].split(";"))
         # Text objects, not str: rich would otherwise read "[...]" in a purpose as markup.
-        table.add_row(*(Text(printable(cells[name])) for name in _TABLE_COLUMNS))
+        texts = {name: Text(printable(cells[name])) for name in _TABLE_COLUMNS}
+        # One dataset per line; the line breaks are ours, the names are escaped like any cell.
+        texts["datasets"] = Text("\n".join(printable(d) for d in cells["datasets"].split(";")))
+        table.add_row(*(texts[name] for name in _TABLE_COLUMNS))
     return table
 
 
