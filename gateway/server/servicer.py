@@ -209,32 +209,25 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
                     response.request_id = request.request_id
                     response.cached = True
                     response.cost.CopyFrom(privacy_cost(Fraction(0)))
-                    response.audit_sequence = await asyncio.to_thread(
-                        self.audit.append, "query", record
-                    )
-                    written = True
-                    await asyncio.to_thread(
-                        self.ledger.commit,
-                        consumer,
-                        request.request_id,
-                        response.SerializeToString(),
-                    )
                     facts.cost_rho = Fraction(0)
-                    response.budget_left.extend(await self._balances(plan))
-                    return response
-                record.update(decision="failed", **plan_fields(plan))
-                # Until the silos answer, the whole reservation counts as the request's cost.
-                facts.cost_rho = plan.total_rho
-                response = await self._release(
-                    request, consumer, query, bundle, decision, plan, context, record
-                )
-                record["decision"] = "released"
-                record["values"] = [
-                    [list(g.keys), v.measure_id, v.value, v.suppressed]
-                    for g in response.groups
-                    for v in g.values
-                ]
-                record["budget_left"] = budget_left_fields(await self._balances(plan))
+                    answer_cache_key = None  # already cached under the original release
+                else:
+                    record.update(decision="failed", **plan_fields(plan))
+                    # Until the silos answer, the whole reservation counts as the request's cost.
+                    facts.cost_rho = plan.total_rho
+                    response = await self._release(
+                        request, consumer, query, bundle, decision, plan, context, record
+                    )
+                    record["decision"] = "released"
+                    record["values"] = [
+                        [list(g.keys), v.measure_id, v.value, v.suppressed]
+                        for g in response.groups
+                        for v in g.values
+                    ]
+                    record["budget_left"] = budget_left_fields(await self._balances(plan))
+                    answer_cache_key = cache_key
+                # The record is durable before the answer leaves (and before the commit: a crash
+                # in between leaves the reservation charged and the release logged).
                 response.audit_sequence = await asyncio.to_thread(
                     self.audit.append, "query", record
                 )
@@ -244,7 +237,7 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
                     consumer,
                     request.request_id,
                     response.SerializeToString(),
-                    cache_key=cache_key,
+                    cache_key=answer_cache_key,
                 )
                 response.budget_left.extend(await self._balances(plan))
                 return response
