@@ -14,10 +14,20 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The audit report test renders HTML in headless Chromium: Debian's package, installed once.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "make test needs Debian's chromium for the audit report test: sudo apt-get install chromium" >&2; \
+		exit 1; \
+	fi
+
 demo: $(STAMP)
 	$(BIN)/silogate demo
 
-test: $(STAMP) lint typecheck
+test: $(STAMP) $(CHROMIUM) lint typecheck
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
