@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -13,6 +13,7 @@ from ruamel.yaml import YAML
 
 from gateway.crypto.dev_ca import GATEWAY_IDENTITY, DevPki
 from gateway.settings import GatewayConfig, SiloConfig, SiloEndpoint, TlsConfig
+from gateway.silo.app import SiloProcess, start_silo
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY = REPO / "policies"
@@ -80,6 +81,26 @@ def silo_config(
         gateway_identity=GATEWAY_IDENTITY,
         **{"policy_reload_seconds": 0.0, **options},
     )
+
+
+def start_silos(
+    loop: BackgroundLoop,
+    pki: DevPki,
+    data_dir: Path,
+    system_root: Path,
+    names: Sequence[str],
+    *,
+    policy: Path = POLICY,
+) -> dict[str, SiloProcess]:
+    """In-process silo agents on port 0 over the session's DuckDB files, one per name."""
+    return {
+        name: loop.run(
+            start_silo(
+                silo_config(system_root, pki, name, data_dir / f"{name}.duckdb", policy=policy)
+            )
+        )
+        for name in names
+    }
 
 
 def wait_until(condition: Callable[[], T], timeout: float = 15.0, interval: float = 0.05) -> T:

@@ -25,14 +25,11 @@ import pytest
 from audit_kit import make_key
 from ruamel.yaml import YAML
 from small_budgets import bundle_with_small_budgets
-from support import BackgroundLoop, tls_config
+from support import BackgroundLoop, start_silos, tls_config
 
 from gateway.audit.store import iter_records
 from gateway.audit.verify import verify_with_keys
 from gateway.client import ClientError, SilogateClient, count
-from gateway.crypto.dev_ca import GATEWAY_IDENTITY
-from gateway.settings import SiloConfig
-from gateway.silo.app import start_silo
 
 KILLS = int(os.environ.get("SILOGATE_AUDIT_KILLS", "6"))
 
@@ -61,21 +58,7 @@ def test_sigkill_while_writing_never_leaves_a_log_verify_rejects(
     bundle = bundle_with_small_budgets(tmp_path, admitted=100_000)
     key = make_key(tmp_path, "gateway-log")
     loop = BackgroundLoop()
-    silos = {
-        name: loop.run(
-            start_silo(
-                SiloConfig(
-                    silo=name,
-                    tls=tls_config(pki.silo(name)),
-                    policy=bundle,
-                    database=data_dir / f"{name}.duckdb",
-                    release_log=tmp_path / f"silo-{name}",
-                    gateway_identity=GATEWAY_IDENTITY,
-                )
-            )
-        )
-        for name in ("civil", "events")
-    }
+    silos = start_silos(loop, pki, data_dir, tmp_path, ("civil", "events"), policy=bundle)
     audit = tmp_path / "state" / "audit"
     config = tmp_path / "gateway.yaml"
     with config.open("w") as handle:

@@ -15,13 +15,11 @@ from pathlib import Path
 
 import grpc
 from small_budgets import ADMITTED, COST, EPSILON, bundle_with_small_budgets
-from support import BackgroundLoop, tls_config
+from support import BackgroundLoop, start_silos, tls_config
 
 from gateway.client import ClientError, SilogateClient, count
-from gateway.crypto.dev_ca import GATEWAY_IDENTITY
 from gateway.server.app import start_gateway
-from gateway.settings import GatewayConfig, GatewayLimits, SiloConfig, SiloEndpoint
-from gateway.silo.app import start_silo
+from gateway.settings import GatewayConfig, GatewayLimits, SiloEndpoint
 
 QUERIES = 500
 
@@ -29,21 +27,7 @@ QUERIES = 500
 def test_concurrent_queries_never_overspend(data_dir: Path, pki, tmp_path: Path) -> None:
     bundle = bundle_with_small_budgets(tmp_path)
     loop = BackgroundLoop()
-    silos = {
-        name: loop.run(
-            start_silo(
-                SiloConfig(
-                    silo=name,
-                    tls=tls_config(pki.silo(name)),
-                    policy=bundle,
-                    database=data_dir / f"{name}.duckdb",
-                    release_log=tmp_path / f"silo-{name}",
-                    gateway_identity=GATEWAY_IDENTITY,
-                )
-            )
-        )
-        for name in ("civil", "events")
-    }
+    silos = start_silos(loop, pki, data_dir, tmp_path, ("civil", "events"), policy=bundle)
     gateway = loop.run(
         start_gateway(
             GatewayConfig(

@@ -21,13 +21,10 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 from small_budgets import COST, bundle_with_small_budgets
-from support import BackgroundLoop, tls_config
+from support import BackgroundLoop, start_silos, tls_config
 
 from gateway.budget.ledger import PrivacyLedger
 from gateway.client import ClientError, SilogateClient, count
-from gateway.crypto.dev_ca import GATEWAY_IDENTITY
-from gateway.settings import SiloConfig
-from gateway.silo.app import start_silo
 
 KILLS = int(os.environ.get("SILOGATE_CRASH_KILLS", "100"))
 LIMIT = 100_000  # queries the population budget admits
@@ -55,21 +52,7 @@ def test_sigkill_under_load_never_undercharges(data_dir: Path, pki, tmp_path: Pa
     # Enough budget that releases go on through all the kills, small enough to be exact.
     bundle = bundle_with_small_budgets(tmp_path, admitted=LIMIT)
     loop = BackgroundLoop()
-    silos = {
-        name: loop.run(
-            start_silo(
-                SiloConfig(
-                    silo=name,
-                    tls=tls_config(pki.silo(name)),
-                    policy=bundle,
-                    database=data_dir / f"{name}.duckdb",
-                    release_log=tmp_path / f"silo-{name}",
-                    gateway_identity=GATEWAY_IDENTITY,
-                )
-            )
-        )
-        for name in ("civil", "events")
-    }
+    silos = start_silos(loop, pki, data_dir, tmp_path, ("civil", "events"), policy=bundle)
     ledger_path = tmp_path / "state" / "ledger.sqlite"
     config = tmp_path / "gateway.yaml"
     gateway_tls = tls_config(pki.gateway)
