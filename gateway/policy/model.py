@@ -11,6 +11,7 @@ key where an author should look, so the loader can point at it.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
@@ -101,6 +102,8 @@ class Column(_Strict):
     key_set: Name | None = None
     bounds: tuple[Number, Number] | None = None
     resolution: Amount | None = None
+    # Default histogram bin edges (strictly increasing; k+1 edges make k bins, the last closed).
+    bins: Annotated[list[Number], Field(min_length=2, max_length=1001)] | None = None
 
     @model_validator(mode="after")
     def _typed(self) -> Column:
@@ -111,13 +114,15 @@ class Column(_Strict):
                 f"only category columns take a 'key_set' (this column is {self.type})",
                 at="key_set",
             )
-        for numeric_only in ("bounds", "resolution"):
+        for numeric_only in ("bounds", "resolution", "bins"):
             if self.type not in ("int", "decimal") and getattr(self, numeric_only) is not None:
                 raise DeclarationError(
                     f"only int and decimal columns take '{numeric_only}' "
                     f"(this column is {self.type})",
                     at=numeric_only,
                 )
+        if self.bins is not None and any(a >= b for a, b in itertools.pairwise(self.bins)):
+            raise DeclarationError("bins must be strictly increasing", at="bins")
         if self.bounds is not None and self.bounds[0] > self.bounds[1]:
             lower, upper = self.bounds
             raise DeclarationError(
@@ -138,6 +143,10 @@ class Dataset(_Strict):
     max_rows_per_person: Count = 1
     max_groups_per_person: Count | None = None
     columns: dict[Identifier, Column]
+    # The silo's own cap on what may be released from this dataset, over all consumers. The silo
+    # enforces it with its own ledger; the gateway mirrors it as a budget scope, so a query the
+    # silo would refuse is refused before any silo runs.
+    silo_budget: BudgetSpec | None = None
 
 
 class Consumer(_Strict):

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
@@ -55,6 +57,7 @@ _MAX_AMOUNT = Fraction(1000)
 _MIN_AMOUNT_TEXT = "0.000001"
 _MIN_AMOUNT = Fraction(_MIN_AMOUNT_TEXT)
 _MIN_EXPONENT, _MAX_EXPONENT, _MAX_DIGITS = -7, 3, 30
+MAX_BIN_EDGES = 1001
 
 
 @dataclass(frozen=True)
@@ -95,10 +98,12 @@ class MeasureForm:
     column: str
     filters: tuple[FilterForm, ...]
     spend: Spend
+    # HISTOGRAM bin edges as the caller gave them (strictly increasing); empty: the policy's.
+    bins: tuple[Decimal, ...] = ()
 
     def canonical(self) -> dict[str, object]:
         filters = sorted((f.canonical() for f in self.filters), key=json.dumps)
-        return {
+        canonical: dict[str, object] = {
             "id": self.id,
             "dataset": self.dataset,
             "kind": self.kind,
@@ -106,6 +111,9 @@ class MeasureForm:
             "filters": filters,
             "spend": self.spend.canonical(),
         }
+        if self.bins:
+            canonical["bins"] = [str(edge.normalize()) for edge in self.bins]
+        return canonical
 
 
 @dataclass(frozen=True)
@@ -223,6 +231,37 @@ def _parse_filter(f: query_pb2.Filter, field: str, out: list[FieldViolation]) ->
     return FilterForm(column=f.column, op=op, values=values)
 
 
+def _parse_bins(
+    texts: Sequence[str], kind: MeasureKind, field: str, out: list[FieldViolation]
+) -> tuple[Decimal, ...]:
+    if not texts:
+        return ()
+    if kind != "histogram":
+        out.append(FieldViolation(field, f"only histogram measures take bins, not '{kind}'"))
+        return ()
+    if not 2 <= len(texts) <= MAX_BIN_EDGES:
+        out.append(FieldViolation(field, f"give 2..{MAX_BIN_EDGES} bin edges, got {len(texts)}"))
+        return ()
+    edges: list[Decimal] = []
+    for i, text in enumerate(texts):
+        try:
+            edge = Decimal(text)
+        except InvalidOperation:
+            edge = Decimal("NaN")
+        if (
+            not edge.is_finite()
+            or len(edge.as_tuple().digits) > _MAX_DIGITS
+            or not (-(10**15) < edge < 10**15)
+        ):
+            out.append(FieldViolation(f"{field}[{i}]", f"'{text}' is not a finite decimal"))
+            return ()
+        edges.append(edge)
+    if any(a >= b for a, b in itertools.pairwise(edges)):
+        out.append(FieldViolation(field, "bin edges must be strictly increasing"))
+        return ()
+    return tuple(edges)
+
+
 def parse_query(query: query_pb2.Query) -> QueryForm:
     """Parse and structurally validate an API query; raises InvalidQuery with every violation."""
     out: list[FieldViolation] = []
@@ -256,7 +295,8 @@ def parse_query(query: query_pb2.Query) -> QueryForm:
             _parse_filter(f, f"{field}.filters[{j}]", out) for j, f in enumerate(m.filters)
         )
         spend = _parse_spend(m.spend, f"{field}.spend", out)
-        measures.append(MeasureForm(m.id, m.dataset, kind, m.column, filters, spend))
+        bins = _parse_bins(m.bins, kind, f"{field}.bins", out)
+        measures.append(MeasureForm(m.id, m.dataset, kind, m.column, filters, spend, bins))
     if len(set(query.group_by)) != len(query.group_by):
         out.append(FieldViolation("query.group_by", "group-by columns repeat"))
     if out:

@@ -145,7 +145,7 @@ def test_unknown_key_inside_a_flow_mapping_is_reported_at_the_key(
     assert (where.line, where.column) != (0, 0)
     assert problems(bundle_copy)[0] == (
         f"{where}: dataset 'org.members'.columns.floating_member: unknown key 'colour' "
-        "(expected one of: type, key_set, bounds, resolution)"
+        "(expected one of: type, key_set, bounds, resolution, bins)"
     )
 
 

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agateway/api/v1/query.proto\x12\x0egateway.api.v1\"\x83\x01\n\x07Literal\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x17\n\rdecimal_value\x18\x03 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x12\x14\n\ndate_value\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"g\n\x06\x46ilter\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12$\n\x02op\x18\x02 \x01(\x0e\x32\x18.gateway.api.v1.FilterOp\x12\'\n\x06values\x18\x03 \x03(\x0b\x32\x17.gateway.api.v1.Literal\"Q\n\x0cPrivacySpend\x12\x11\n\x07\x65psilon\x18\x01 \x01(\tH\x00\x12\r\n\x03rho\x18\x02 \x01(\tH\x00\x12\x16\n\x0ctarget_error\x18\x03 \x01(\tH\x00\x42\x07\n\x05spend\"\xb7\x01\n\x07Measure\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12)\n\x04kind\x18\x03 \x01(\x0e\x32\x1b.gateway.api.v1.MeasureKind\x12\x0e\n\x06\x63olumn\x18\x04 \x01(\t\x12\'\n\x07\x66ilters\x18\x05 \x03(\x0b\x32\x16.gateway.api.v1.Filter\x12+\n\x05spend\x18\x06 \x01(\x0b\x32\x1c.gateway.api.v1.PrivacySpend\"U\n\x05Query\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12)\n\x08measures\x18\x02 \x03(\x0b\x32\x17.gateway.api.v1.Measure\x12\x10\n\x08group_by\x18\x03 \x03(\t\"M\n\x0bPrivacyCost\x12\x0b\n\x03rho\x18\x01 \x01(\t\x12\x11\n\trho_value\x18\x02 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x03 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\x01\"c\n\x0cMeasureValue\x12\x12\n\nmeasure_id\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x0f\n\x07\x65rror95\x18\x03 \x01(\x01\x12\x12\n\nsuppressed\x18\x04 \x01(\x08\x12\x0b\n\x03\x62in\x18\x05 \x01(\t\"I\n\x0bGroupResult\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12,\n\x06values\x18\x02 \x03(\x0b\x32\x1c.gateway.api.v1.MeasureValue*\xac\x01\n\x0bMeasureKind\x12\x1c\n\x18MEASURE_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12MEASURE_KIND_COUNT\x10\x01\x12\x1e\n\x1aMEASURE_KIND_COUNT_PERSONS\x10\x02\x12\x14\n\x10MEASURE_KIND_SUM\x10\x03\x12\x15\n\x11MEASURE_KIND_MEAN\x10\x04\x12\x1a\n\x16MEASURE_KIND_HISTOGRAM\x10\x05*\xd1\x01\n\x08\x46ilterOp\x12\x19\n\x15\x46ILTER_OP_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x46ILTER_OP_EQ\x10\x01\x12\x10\n\x0c\x46ILTER_OP_NE\x10\x02\x12\x10\n\x0c\x46ILTER_OP_LT\x10\x03\x12\x10\n\x0c\x46ILTER_OP_LE\x10\x04\x12\x10\n\x0c\x46ILTER_OP_GT\x10\x05\x12\x10\n\x0c\x46ILTER_OP_GE\x10\x06\x12\x10\n\x0c\x46ILTER_OP_IN\x10\x07\x12\x15\n\x11\x46ILTER_OP_BETWEEN\x10\x08\x12\x15\n\x11\x46ILTER_OP_IS_NULL\x10\t*g\n\tMechanism\x12\x19\n\x15MECHANISM_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMECHANISM_DISCRETE_LAPLACE\x10\x01\x12\x1f\n\x1bMECHANISM_DISCRETE_GAUSSIAN\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agateway/api/v1/query.proto\x12\x0egateway.api.v1\"\x83\x01\n\x07Literal\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x17\n\rdecimal_value\x18\x03 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x12\x14\n\ndate_value\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"g\n\x06\x46ilter\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12$\n\x02op\x18\x02 \x01(\x0e\x32\x18.gateway.api.v1.FilterOp\x12\'\n\x06values\x18\x03 \x03(\x0b\x32\x17.gateway.api.v1.Literal\"Q\n\x0cPrivacySpend\x12\x11\n\x07\x65psilon\x18\x01 \x01(\tH\x00\x12\r\n\x03rho\x18\x02 \x01(\tH\x00\x12\x16\n\x0ctarget_error\x18\x03 \x01(\tH\x00\x42\x07\n\x05spend\"\xc5\x01\n\x07Measure\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12)\n\x04kind\x18\x03 \x01(\x0e\x32\x1b.gateway.api.v1.MeasureKind\x12\x0e\n\x06\x63olumn\x18\x04 \x01(\t\x12\'\n\x07\x66ilters\x18\x05 \x03(\x0b\x32\x16.gateway.api.v1.Filter\x12+\n\x05spend\x18\x06 \x01(\x0b\x32\x1c.gateway.api.v1.PrivacySpend\x12\x0c\n\x04\x62ins\x18\x07 \x03(\t\"U\n\x05Query\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12)\n\x08measures\x18\x02 \x03(\x0b\x32\x17.gateway.api.v1.Measure\x12\x10\n\x08group_by\x18\x03 \x03(\t\"M\n\x0bPrivacyCost\x12\x0b\n\x03rho\x18\x01 \x01(\t\x12\x11\n\trho_value\x18\x02 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x03 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\x01\"c\n\x0cMeasureValue\x12\x12\n\nmeasure_id\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x0f\n\x07\x65rror95\x18\x03 \x01(\x01\x12\x12\n\nsuppressed\x18\x04 \x01(\x08\x12\x0b\n\x03\x62in\x18\x05 \x01(\t\"I\n\x0bGroupResult\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12,\n\x06values\x18\x02 \x03(\x0b\x32\x1c.gateway.api.v1.MeasureValue*\xac\x01\n\x0bMeasureKind\x12\x1c\n\x18MEASURE_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12MEASURE_KIND_COUNT\x10\x01\x12\x1e\n\x1aMEASURE_KIND_COUNT_PERSONS\x10\x02\x12\x14\n\x10MEASURE_KIND_SUM\x10\x03\x12\x15\n\x11MEASURE_KIND_MEAN\x10\x04\x12\x1a\n\x16MEASURE_KIND_HISTOGRAM\x10\x05*\xd1\x01\n\x08\x46ilterOp\x12\x19\n\x15\x46ILTER_OP_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x46ILTER_OP_EQ\x10\x01\x12\x10\n\x0c\x46ILTER_OP_NE\x10\x02\x12\x10\n\x0c\x46ILTER_OP_LT\x10\x03\x12\x10\n\x0c\x46ILTER_OP_LE\x10\x04\x12\x10\n\x0c\x46ILTER_OP_GT\x10\x05\x12\x10\n\x0c\x46ILTER_OP_GE\x10\x06\x12\x10\n\x0c\x46ILTER_OP_IN\x10\x07\x12\x15\n\x11\x46ILTER_OP_BETWEEN\x10\x08\x12\x15\n\x11\x46ILTER_OP_IS_NULL\x10\t*g\n\tMechanism\x12\x19\n\x15MECHANISM_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMECHANISM_DISCRETE_LAPLACE\x10\x01\x12\x1f\n\x1bMECHANISM_DISCRETE_GAUSSIAN\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gateway.api.v1.query_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MEASUREKIND']._serialized_start=897
-  _globals['_MEASUREKIND']._serialized_end=1069
-  _globals['_FILTEROP']._serialized_start=1072
-  _globals['_FILTEROP']._serialized_end=1281
-  _globals['_MECHANISM']._serialized_start=1283
-  _globals['_MECHANISM']._serialized_end=1386
+  _globals['_MEASUREKIND']._serialized_start=911
+  _globals['_MEASUREKIND']._serialized_end=1083
+  _globals['_FILTEROP']._serialized_start=1086
+  _globals['_FILTEROP']._serialized_end=1295
+  _globals['_MECHANISM']._serialized_start=1297
+  _globals['_MECHANISM']._serialized_end=1400
   _globals['_LITERAL']._serialized_start=47
   _globals['_LITERAL']._serialized_end=178
   _globals['_FILTER']._serialized_start=180
@@ -44,13 +44,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PRIVACYSPEND']._serialized_start=285
   _globals['_PRIVACYSPEND']._serialized_end=366
   _globals['_MEASURE']._serialized_start=369
-  _globals['_MEASURE']._serialized_end=552
-  _globals['_QUERY']._serialized_start=554
-  _globals['_QUERY']._serialized_end=639
-  _globals['_PRIVACYCOST']._serialized_start=641
-  _globals['_PRIVACYCOST']._serialized_end=718
-  _globals['_MEASUREVALUE']._serialized_start=720
-  _globals['_MEASUREVALUE']._serialized_end=819
-  _globals['_GROUPRESULT']._serialized_start=821
-  _globals['_GROUPRESULT']._serialized_end=894
+  _globals['_MEASURE']._serialized_end=566
+  _globals['_QUERY']._serialized_start=568
+  _globals['_QUERY']._serialized_end=653
+  _globals['_PRIVACYCOST']._serialized_start=655
+  _globals['_PRIVACYCOST']._serialized_end=732
+  _globals['_MEASUREVALUE']._serialized_start=734
+  _globals['_MEASUREVALUE']._serialized_end=833
+  _globals['_GROUPRESULT']._serialized_start=835
+  _globals['_GROUPRESULT']._serialized_end=908
 # @@protoc_insertion_point(module_scope)

@@ -256,6 +256,7 @@ class Measure(_message.Message):
     COLUMN_FIELD_NUMBER: _builtins.int
     FILTERS_FIELD_NUMBER: _builtins.int
     SPEND_FIELD_NUMBER: _builtins.int
+    BINS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Caller-chosen name of the measure, unique in the query (e.g. "elderly_alone"); used as
     the result column name. Lowercase letters, digits and underscores.
@@ -274,6 +275,13 @@ class Measure(_message.Message):
     def spend(self) -> Global___PrivacySpend:
         """The privacy spend of this measure."""
 
+    @_builtins.property
+    def bins(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """For HISTOGRAM: bin edges as decimal strings, strictly increasing; k+1 edges make k bins
+        [e0,e1), [e1,e2), ..., [e(k-1),ek] (the last one closed). Rows outside [e0, ek] are not
+        counted. Empty: the bins the policy declares for the column. Must be empty for other kinds.
+        """
+
     def __init__(
         self,
         *,
@@ -283,10 +291,11 @@ class Measure(_message.Message):
         column: _builtins.str = ...,
         filters: _abc.Iterable[Global___Filter] | None = ...,
         spend: Global___PrivacySpend | None = ...,
+        bins: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spend", b"spend"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["column", b"column", "dataset", b"dataset", "filters", b"filters", "id", b"id", "kind", b"kind", "spend", b"spend"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bins", b"bins", "column", b"column", "dataset", b"dataset", "filters", b"filters", "id", b"id", "kind", b"kind", "spend", b"spend"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -20,38 +20,75 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class NoiseComponent(_message.Message):
+    """The noise of one component of a measure. COUNT, COUNT_PERSONS, SUM and HISTOGRAM have one
+    component, "value"; MEAN has two, "sum" and "count", released separately and divided by the
+    gateway (post-processing).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MECHANISM_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    RHO_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"value", "sum" or "count"."""
+    mechanism: _query_pb2.Mechanism.ValueType
+    """Noise mechanism planned by the gateway."""
+    scale: _builtins.float
+    """Noise scale planned by the gateway, in the component's integer unit; the silo refuses a
+    scale below its own computation for `rho`.
+    """
+    rho: _builtins.str
+    """Exact rho this component costs, as "p/q" or an integer string."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        mechanism: _query_pb2.Mechanism.ValueType = ...,
+        scale: _builtins.float = ...,
+        rho: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mechanism", b"mechanism", "name", b"name", "rho", b"rho", "scale", b"scale"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NoiseComponent: _TypeAlias = NoiseComponent  # noqa: Y015
+
+@_typing.final
 class ReleasePlan(_message.Message):
     """The plan of one measure as the gateway computed it."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     MEASURE_FIELD_NUMBER: _builtins.int
-    MECHANISM_FIELD_NUMBER: _builtins.int
-    SCALE_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
-    mechanism: _query_pb2.Mechanism.ValueType
-    """Noise mechanism planned by the gateway."""
-    scale: _builtins.float
-    """Noise scale planned by the gateway; the silo refuses a scale below its own computation."""
+    COMPONENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def measure(self) -> _query_pb2.Measure:
         """The measure, as the consumer asked for it."""
 
     @_builtins.property
     def cost(self) -> _query_pb2.PrivacyCost:
-        """Cost the gateway charged for this measure."""
+        """Cost the gateway charged for this measure (all its components)."""
+
+    @_builtins.property
+    def components(self) -> _containers.RepeatedCompositeFieldContainer[Global___NoiseComponent]:
+        """One noise plan per component of the measure."""
 
     def __init__(
         self,
         *,
         measure: _query_pb2.Measure | None = ...,
-        mechanism: _query_pb2.Mechanism.ValueType = ...,
-        scale: _builtins.float = ...,
         cost: _query_pb2.PrivacyCost | None = ...,
+        components: _abc.Iterable[Global___NoiseComponent] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "measure", b"measure"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "measure", b"measure", "mechanism", b"mechanism", "scale", b"scale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["components", b"components", "cost", b"cost", "measure", b"measure"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -104,32 +141,66 @@ class ReleaseRequest(_message.Message):
 Global___ReleaseRequest: _TypeAlias = ReleaseRequest  # noqa: Y015
 
 @_typing.final
+class ComponentRelease(_message.Message):
+    """The noisy release of one component of a measure."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    MECHANISM_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The component name ("value", "sum" or "count")."""
+    mechanism: _query_pb2.Mechanism.ValueType
+    """The mechanism actually used."""
+    scale: _builtins.float
+    """The scale actually used."""
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Noisy integers, one per public group key in key-set order; for HISTOGRAM, one per (key, bin)
+        with the bins inner. Sums are in units of the column's declared resolution.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        values: _abc.Iterable[_builtins.int] | None = ...,
+        mechanism: _query_pb2.Mechanism.ValueType = ...,
+        scale: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mechanism", b"mechanism", "name", b"name", "scale", b"scale", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ComponentRelease: _TypeAlias = ComponentRelease  # noqa: Y015
+
+@_typing.final
 class MeasureRelease(_message.Message):
     """The noisy release of one measure."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     MEASURE_ID_FIELD_NUMBER: _builtins.int
-    GROUPS_FIELD_NUMBER: _builtins.int
-    SCALE_FIELD_NUMBER: _builtins.int
+    COMPONENTS_FIELD_NUMBER: _builtins.int
     measure_id: _builtins.str
     """The measure id."""
-    scale: _builtins.float
-    """The scale actually used."""
     @_builtins.property
-    def groups(self) -> _containers.RepeatedCompositeFieldContainer[_query_pb2.GroupResult]:
-        """One row per group key (every public key), in key-set order."""
+    def components(self) -> _containers.RepeatedCompositeFieldContainer[Global___ComponentRelease]:
+        """One release per planned component, in plan order."""
 
     def __init__(
         self,
         *,
         measure_id: _builtins.str = ...,
-        groups: _abc.Iterable[_query_pb2.GroupResult] | None = ...,
-        scale: _builtins.float = ...,
+        components: _abc.Iterable[Global___ComponentRelease] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups", "measure_id", b"measure_id", "scale", b"scale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["components", b"components", "measure_id", b"measure_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -137,7 +208,9 @@ Global___MeasureRelease: _TypeAlias = MeasureRelease  # noqa: Y015
 
 @_typing.final
 class ReleaseReceipt(_message.Message):
-    """Signed statement by a silo of what it released."""
+    """Signed statement by a silo of what it released. The signature covers the canonical JSON
+    (RFC 8785) of every other field but `signature` and `digest`.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -145,14 +218,34 @@ class ReleaseReceipt(_message.Message):
     DIGEST_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     RELEASED_AT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    QUERY_DIGEST_FIELD_NUMBER: _builtins.int
+    DATASETS_FIELD_NUMBER: _builtins.int
+    RHO_FIELD_NUMBER: _builtins.int
+    VALUES_DIGEST_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
     silo: _builtins.str
     """The silo's name."""
     digest: _builtins.str
-    """SHA-256 (hex) of the canonical release content."""
+    """SHA-256 (hex) of the canonical statement that `signature` signs."""
     signature: _builtins.bytes
-    """Signature over the digest by the silo's key (empty until receipts are configured)."""
+    """Ed25519 signature over the canonical statement by the silo's receipt key."""
     released_at: _builtins.str
     """Time of release, RFC 3339."""
+    request_id: _builtins.str
+    """The consumer's request id."""
+    query_digest: _builtins.str
+    """SHA-256 (hex) of the canonical query (the measures of this silo, the group-by, the purpose)."""
+    rho: _builtins.str
+    """Exact rho the silo accepted for this release, "p/q" or an integer string."""
+    values_digest: _builtins.str
+    """SHA-256 (hex) of the released values (every component, in order)."""
+    key_id: _builtins.str
+    """Identifier of the signing key (hex SHA-256 of the raw public key, first 16 characters)."""
+    @_builtins.property
+    def datasets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Datasets released from, "<silo>.<table>", sorted."""
+
     def __init__(
         self,
         *,
@@ -160,10 +253,16 @@ class ReleaseReceipt(_message.Message):
         digest: _builtins.str = ...,
         signature: _builtins.bytes = ...,
         released_at: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        query_digest: _builtins.str = ...,
+        datasets: _abc.Iterable[_builtins.str] | None = ...,
+        rho: _builtins.str = ...,
+        values_digest: _builtins.str = ...,
+        key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "released_at", b"released_at", "signature", b"signature", "silo", b"silo"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["datasets", b"datasets", "digest", b"digest", "key_id", b"key_id", "query_digest", b"query_digest", "released_at", b"released_at", "request_id", b"request_id", "rho", b"rho", "signature", b"signature", "silo", b"silo", "values_digest", b"values_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
