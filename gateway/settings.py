@@ -38,11 +38,15 @@ class TlsConfig(_Config):
 
 
 class SiloEndpoint(_Config):
-    """Where a silo listens, and the DNS name its certificate must carry (by default
-    ``<silo>.silo.silogate.local``; the gateway verifies it instead of the address)."""
+    """Where a silo listens, the DNS name its certificate must carry (by default
+    ``<silo>.silo.silogate.local``; the gateway verifies it instead of the address), and the
+    public key its receipts must verify with."""
 
     address: Address
     server_name: str | None = None
+    # The silo's public receipt key (PEM, from `silogate silo keygen` or `certs init`): every
+    # release's signed receipt is checked with it before the gateway uses the values.
+    receipt_key: Path
 
 
 # The metrics endpoint is plain HTTP without authentication: loopback only, for a local scraper
@@ -121,10 +125,24 @@ class SiloConfig(_Config):
     database: Path
     release_log: Path
     gateway_identity: str
+    # The silo's Ed25519 private key (PEM) that signs its release receipts; the gateway and
+    # auditors hold the public half.
+    receipt_key: Path
     reflection: bool = False
     policy_verify_key: Path | None = None
     policy_reload_seconds: ReloadSeconds = 2.0
     audit_log: AuditLogSettings = AuditLogSettings()
+    # The silo's own ledger of its per-dataset caps (`silo_budget` in policy); by default beside
+    # the release log, as `<release_log>.caps.sqlite`.
+    caps_ledger: Path | None = None
+    # Time zone of the caps' calendar periods (day, month, ...).
+    time_zone: str = "UTC"
+
+    @property
+    def caps_ledger_path(self) -> Path:
+        if self.caps_ledger is not None:
+            return self.caps_ledger
+        return self.release_log.with_name(self.release_log.name + ".caps.sqlite")
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -138,6 +156,8 @@ _PATH_KEYS = {
     "audit",
     "database",
     "release_log",
+    "receipt_key",
+    "caps_ledger",
     "signing_key",
 }
 

@@ -25,6 +25,19 @@ def plan_fields(plan: QueryPlan) -> dict[str, Any]:
         "rho": str(plan.total_rho),
         "scales": {m.measure.id: m.noise.scale for m in plan.measures},
         "mechanisms": {m.measure.id: m.noise.mechanism for m in plan.measures},
+        # Every noise component (a mean has two: its sum and its count).
+        "components": {
+            m.measure.id: [
+                {
+                    "name": c.name,
+                    "mechanism": c.noise.mechanism,
+                    "scale": c.noise.scale,
+                    "rho": str(c.noise.rho),
+                }
+                for c in m.components
+            ]
+            for m in plan.measures
+        },
         "cost": {
             scope.key: {
                 "rho": str(plan.charges[scope.key]),

@@ -18,6 +18,9 @@ from gateway.client.client import (
     SilogateClient,
     count,
     count_persons,
+    histogram,
+    mean_of,
+    sum_of,
     where,
 )
 
@@ -29,5 +32,8 @@ __all__ = [
     "SilogateClient",
     "count",
     "count_persons",
+    "histogram",
+    "mean_of",
+    "sum_of",
     "where",
 ]

@@ -87,13 +87,17 @@ def _measure(
     epsilon: str | None,
     rho: str | None,
     target_error: str | None,
+    column: str = "",
+    bins: Iterable[object] = (),
 ) -> query_pb2.Measure:
     return query_pb2.Measure(
         id=measure_id,
         dataset=dataset,
         kind=MEASURE_KIND_NUMBERS[kind],
+        column=column,
         filters=list(filters),
         spend=_spend(epsilon, rho, target_error),
+        bins=[str(edge) for edge in bins],
     )
 
 
@@ -119,6 +123,47 @@ def count_persons(
 ) -> query_pb2.Measure:
     """A count of distinct persons."""
     return _measure("count_persons", measure_id, dataset, filters, epsilon, rho, target_error)
+
+
+def sum_of(
+    measure_id: str,
+    dataset: str,
+    column: str,
+    *filters: query_pb2.Filter,
+    epsilon: str | None = None,
+    rho: str | None = None,
+    target_error: str | None = None,
+) -> query_pb2.Measure:
+    """A SUM of a numeric column, each row clamped to the column's declared bounds."""
+    return _measure("sum", measure_id, dataset, filters, epsilon, rho, target_error, column)
+
+
+def mean_of(
+    measure_id: str,
+    dataset: str,
+    column: str,
+    *filters: query_pb2.Filter,
+    epsilon: str | None = None,
+    rho: str | None = None,
+) -> query_pb2.Measure:
+    """A MEAN: noisy sum / noisy count, the spend split evenly between the two."""
+    return _measure("mean", measure_id, dataset, filters, epsilon, rho, None, column)
+
+
+def histogram(
+    measure_id: str,
+    dataset: str,
+    column: str,
+    *filters: query_pb2.Filter,
+    bins: Iterable[object] = (),
+    epsilon: str | None = None,
+    rho: str | None = None,
+    target_error: str | None = None,
+) -> query_pb2.Measure:
+    """Row counts per bin of a numeric column (``bins``: edges; empty = the policy's bins)."""
+    return _measure(
+        "histogram", measure_id, dataset, filters, epsilon, rho, target_error, column, bins
+    )
 
 
 @dataclass(frozen=True)

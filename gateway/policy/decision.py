@@ -195,6 +195,16 @@ def _permit_checks(rule: Rule, measure: MeasureForm, query: QueryForm) -> list[C
             f"measure '{measure.kind}' is {'granted' if granted else 'not granted'}",
         )
     )
+    if measure.column:
+        aggregated = measure.column in rule.measurable
+        checks.append(
+            ClauseCheck(
+                "columns",
+                aggregated,
+                f"aggregating column '{measure.column}' is "
+                + ("granted" if aggregated else "not granted (not in the rule's measurable)"),
+            )
+        )
     extra_groups = [g for g in query.group_by if g not in rule.group_by]
     if extra_groups:
         checks.append(ClauseCheck("group_by", False, f"group-by on {extra_groups} is not granted"))
@@ -243,14 +253,16 @@ def _forbid_checks(rule: Rule, measure: MeasureForm, query: QueryForm) -> list[C
                 f"measure '{measure.kind}' is {'' if hit else 'not '}among the forbidden measures",
             )
         )
-    if rule.group_by or rule.filterable:
+    if rule.group_by or rule.filterable or rule.measurable:
         grouped = [g for g in query.group_by if g in rule.group_by]
         filtered = sorted({f.column for f in measure.filters} & set(rule.filterable))
+        aggregated = measure.column if measure.column in rule.measurable else ""
         uses = [
             *([f"groups by {grouped}"] if grouped else []),
             *([f"filters on {filtered}"] if filtered else []),
+            *([f"aggregates '{aggregated}'"] if aggregated else []),
         ]
-        forbidden = sorted({*rule.group_by, *rule.filterable})
+        forbidden = sorted({*rule.group_by, *rule.filterable, *rule.measurable})
         checks.append(
             ClauseCheck(
                 "columns",
@@ -284,6 +296,7 @@ def scope_keys(
     assert rule.budget is not None
     population_name = bundle.datasets[dataset].population
     population = bundle.populations[population_name]
+    silo_cap = dataset_scope(bundle, dataset)
     return (
         BudgetScope(
             key=f"consumer:{consumer}/rule:{rule_id}/{rule.budget.period}",
@@ -297,6 +310,24 @@ def scope_keys(
             period=population.budget.period,
             delta=Fraction(population.budget.delta),
         ),
+        *((silo_cap,) if silo_cap is not None else ()),
+    )
+
+
+def dataset_scope(bundle: Bundle, dataset: str) -> BudgetScope | None:
+    """The silo's own cap on a dataset (``silo_budget``), over every consumer.
+
+    The silo enforces it with its own ledger under this same key; the gateway mirrors it so that a
+    query the silo would refuse is refused before any silo runs and nothing is reserved for it.
+    """
+    budget = bundle.datasets[dataset].silo_budget
+    if budget is None:
+        return None
+    return BudgetScope(
+        key=f"dataset:{dataset}/{budget.period}",
+        total_rho=budget.rho_total,
+        period=budget.period,
+        delta=Fraction(budget.delta),
     )
 
 

@@ -65,7 +65,9 @@ def access(bundle: Bundle, consumer: str, dataset: str) -> Access:
                 and (not r.purposes or purpose in r.purposes)
                 and (not r.measures or measure in r.measures)
             ]
-            if not permits or any(not f.group_by and not f.filterable for f in forbids):
+            if not permits or any(
+                not f.group_by and not f.filterable and not f.measurable for f in forbids
+            ):
                 continue
             purposes.add(purpose)
             measures.add(measure)

@@ -75,10 +75,14 @@ def _cost(outcome: Outcome, write: Callable[[str], object]) -> None:
     write(f"\ncost: rho {rho} (~{float(rho):.6g})\n")
     for m in plan.measures:
         write(
-            f"  measure '{m.measure.id}': silo {m.silo}, {m.noise.mechanism}, sensitivity "
-            f"{m.noise.sensitivity:g}, scale {m.noise.scale:.6g}, 95% error ±{m.noise.error95:.4g}, "
-            f"rho {m.noise.rho}, by rule '{m.rule_id}' (min group size {m.min_group_size})\n"
+            f"  measure '{m.measure.id}' ({m.measure.kind}): silo {m.silo}, rho {m.rho}, "
+            f"by rule '{m.rule_id}' (min group size {m.min_group_size})\n"
         )
+        for c in m.components:
+            write(
+                f"    {c.name}: {c.noise.mechanism}, sensitivity {c.sensitivity:g}, "
+                f"scale {c.noise.scale:.6g}, 95% error ±{c.error95:.4g}, rho {c.noise.rho}\n"
+            )
     write("  charged to:\n")
     for scope in plan.scopes:
         write(

@@ -417,7 +417,7 @@ def _check_rule(
     consumers = [c for c in bundle.consumers if rule.applies_to_consumer(c)]
     datasets = {n: d for n, d in bundle.datasets.items() if rule.applies_to_dataset(n)}
     declared_columns = {c for d in datasets.values() for c in d.columns}
-    for field in ("group_by", "filterable"):
+    for field in ("group_by", "filterable", "measurable"):
         for i, column in enumerate(getattr(rule, field)):
             if datasets and column not in declared_columns:
                 problems.add(
@@ -433,6 +433,18 @@ def _check_rule(
                     f"rule '{rule_id}': cannot group by '{column}': its type in '{name}' is "
                     f"{dataset.columns[column].type}; only category columns (bound to a key "
                     "set) can be grouped by",
+                )
+                break
+    for i, column in enumerate(rule.measurable):
+        for name, dataset in datasets.items():
+            declared = dataset.columns.get(column)
+            if declared is not None and (
+                declared.type not in ("int", "decimal") or not declared.bounds
+            ):
+                problems.add(
+                    entry.at("measurable", i),
+                    f"rule '{rule_id}': cannot aggregate '{column}': in '{name}' it is not a "
+                    "numeric column with declared bounds",
                 )
                 break
     allowed = {p for c in consumers for p in bundle.consumers[c].purposes}

@@ -167,6 +167,9 @@ class Rule(_Strict):
     measures: list[MeasureName] = Field(default_factory=list)
     group_by: list[str] = Field(default_factory=list)
     filterable: list[str] = Field(default_factory=list)
+    # Numeric columns that SUM, MEAN and HISTOGRAM may aggregate (a permit grants none unless
+    # listed; a forbid lists the ones it forbids).
+    measurable: list[str] = Field(default_factory=list)
     purposes: list[Name] = Field(default_factory=list)
     max_epsilon_per_query: Amount | None = None
     budget: BudgetSpec | None = None

@@ -36,13 +36,15 @@ def balance_message(balance: Balance, delta: Fraction) -> query_service_pb2.Budg
 
 
 def measure_plan_message(planning: MeasurePlanning) -> query_service_pb2.MeasurePlan:
-    noise = planning.noise
+    """The plan of a measure; for MEAN the first component (the sum) and no fixed error."""
+    first = planning.components[0]
     return query_service_pb2.MeasurePlan(
         measure_id=planning.measure.id,
         silo=planning.silo,
-        mechanism=MECHANISM_NUMBERS[noise.mechanism],
-        scale=noise.scale,
-        sensitivity=noise.sensitivity,
-        error95=noise.error95,
-        cost=privacy_cost(noise.rho),
+        mechanism=MECHANISM_NUMBERS[first.noise.mechanism],
+        scale=first.noise.scale,
+        sensitivity=first.sensitivity,
+        # A mean's error depends on each group's noisy count: every value carries its own.
+        error95=0.0 if planning.measure.kind == "mean" else first.error95,
+        cost=privacy_cost(planning.rho),
     )

@@ -6,28 +6,69 @@ preview always matches what a run would charge.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
+from decimal import Decimal
 from fractions import Fraction
 
 from gateway.budget.ledger import ScopeCharge, ScopeLimit
 from gateway.errors import PolicyDenied
 from gateway.policy.decision import BudgetScope, Decision
 from gateway.policy.model import Bundle
-from gateway.privacy.noise import NoisePlan, plan_noise
-from gateway.privacy.sensitivity import l1_sensitivity
+from gateway.privacy.noise import NoisePlan, plan_noise, split_spend
+from gateway.privacy.sensitivity import components, histogram_bins
 from gateway.query.form import MeasureForm, QueryForm
+
+
+@dataclass(frozen=True)
+class ComponentPlanning:
+    """The noise of one released integer vector of a measure (see ``sensitivity.components``)."""
+
+    name: str
+    # What one integer step of the vector is worth in the measure's unit (resolution for sums).
+    unit: Decimal
+    noise: NoisePlan
+
+    @property
+    def sensitivity(self) -> float:
+        """The sensitivity in the mechanism's norm (L1 for Laplace, L2 for Gaussian)."""
+        s = self.noise.sensitivity
+        return (
+            float(s.l1) if self.noise.mechanism == "discrete_laplace" else math.sqrt(s.l2_squared)
+        )
+
+    @property
+    def error95(self) -> float:
+        """95% error half-width of each released value, in the measure's unit."""
+        return self.noise.error95 * float(self.unit)
 
 
 @dataclass(frozen=True)
 class MeasurePlanning:
     measure: MeasureForm
     silo: str
-    noise: NoisePlan
+    components: tuple[ComponentPlanning, ...]
     rule_id: str
     min_group_size: int
     # The budget scopes this measure is charged to (each gets its rho).
     scopes: tuple[str, ...] = ()
+    # HISTOGRAM bin edges (the caller's or the policy's); empty for other measures.
+    bins: tuple[Decimal, ...] = ()
+
+    @property
+    def noise(self) -> NoisePlan:
+        """The first component's noise: the measure's own for every kind but MEAN (its sum)."""
+        return self.components[0].noise
+
+    @property
+    def rho(self) -> Fraction:
+        return sum((c.noise.rho for c in self.components), Fraction(0))
+
+    @property
+    def cells_per_key(self) -> int:
+        """Released values per group key: one, or one per bin for a histogram."""
+        return len(self.bins) - 1 if self.bins else 1
 
 
 @dataclass(frozen=True)
@@ -40,7 +81,7 @@ class QueryPlan:
 
     @property
     def total_rho(self) -> Fraction:
-        return sum((m.noise.rho for m in self.measures), Fraction(0))
+        return sum((m.rho for m in self.measures), Fraction(0))
 
     @property
     def silos(self) -> tuple[str, ...]:
@@ -60,7 +101,7 @@ class QueryPlan:
         for m in self.measures:
             if m.silo == silo:
                 for scope in m.scopes:
-                    share[scope] += m.noise.rho
+                    share[scope] += m.rho
         return dict(share)
 
 
@@ -75,9 +116,16 @@ def plan_query(bundle: Bundle, decision: Decision, query: QueryForm) -> QueryPla
     for measure in query.measures:
         grant = decision.grants[measure.id]
         dataset = bundle.datasets[measure.dataset]
-        noise = plan_noise(l1_sensitivity(dataset, measure.kind), measure.spend)
+        parts = components(dataset, measure, query.group_by)
+        # A measure with several components (a mean's sum and count) splits its spend evenly.
+        spend = split_spend(measure.spend, len(parts)) if len(parts) > 1 else measure.spend
+        planned = tuple(
+            ComponentPlanning(part.name, part.unit, plan_noise(part.sensitivity, spend))
+            for part in parts
+        )
+        rho = sum((c.noise.rho for c in planned), Fraction(0))
         cap = grant.rule.max_epsilon_per_query
-        if cap is not None and noise.rho > Fraction(cap) ** 2 / 2:
+        if cap is not None and rho > Fraction(cap) ** 2 / 2:
             raise PolicyDenied(
                 f"measure '{measure.id}' would spend more than rule '{grant.rule_id}' allows per "
                 f"query (epsilon {cap})",
@@ -86,20 +134,21 @@ def plan_query(bundle: Bundle, decision: Decision, query: QueryForm) -> QueryPla
                     "measure": measure.id,
                     "rule": grant.rule_id,
                     "max_epsilon_per_query": cap,
-                    "requested_rho": noise.rho,
+                    "requested_rho": rho,
                 },
             )
         measures.append(
             MeasurePlanning(
                 measure,
                 dataset.silo,
-                noise,
+                planned,
                 grant.rule_id,
                 grant.rule.min_group_size,
                 tuple(scope.key for scope in grant.scopes),
+                histogram_bins(dataset, measure) if measure.kind == "histogram" else (),
             )
         )
         for scope in grant.scopes:
-            charges[scope.key] += noise.rho
+            charges[scope.key] += rho
     cacheable = all(grant.rule.cache_answers for grant in decision.grants.values())
     return QueryPlan(tuple(measures), decision.scopes, dict(charges), cacheable)

@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from gateway.api.v1 import query_pb2, query_service_pb2, query_service_pb2_grpc, silo_service_pb2
+from gateway.api.v1 import query_service_pb2, query_service_pb2_grpc, silo_service_pb2
 from gateway.audit.log import AuditLog
 from gateway.audit.records import budget_left_fields, plan_fields
 from gateway.budget.ledger import PrivacyLedger
@@ -52,7 +52,13 @@ from gateway.server.limits import (
     check_known_fields,
     check_query_shape,
 )
-from gateway.server.messages import balance_message, measure_plan_message, privacy_cost
+from gateway.server.merge import merge_releases
+from gateway.server.messages import (
+    MECHANISM_NUMBERS,
+    balance_message,
+    measure_plan_message,
+    privacy_cost,
+)
 from gateway.server.metrics import GatewayMetrics
 from gateway.server.planning import QueryPlan, plan_query, scope_limit
 from gateway.server.silos import SiloClients, SiloFailure
@@ -220,7 +226,13 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
                     )
                     record["decision"] = "released"
                     record["values"] = [
-                        [list(g.keys), v.measure_id, v.value, v.suppressed]
+                        [
+                            list(g.keys),
+                            v.measure_id,
+                            v.value,
+                            v.suppressed,
+                            *([v.bin] if v.bin else []),
+                        ]
                         for g in response.groups
                         for v in g.values
                     ]
@@ -284,9 +296,16 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
                         measure=next(
                             m for m in request.query.measures if m.id == planning.measure.id
                         ),
-                        mechanism=measure_plan_message(planning).mechanism,
-                        scale=planning.noise.scale,
-                        cost=privacy_cost(planning.noise.rho),
+                        cost=privacy_cost(planning.rho),
+                        components=[
+                            silo_service_pb2.NoiseComponent(
+                                name=c.name,
+                                mechanism=MECHANISM_NUMBERS[c.noise.mechanism],
+                                scale=c.noise.scale,
+                                rho=privacy_cost(c.noise.rho).rho,
+                            )
+                            for c in planning.components
+                        ],
                     )
                     for planning in plan.measures
                     if planning.silo == silo
@@ -338,7 +357,7 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         )
         # Silos that answered, failed after the request was sent, or failed unexpectedly.
         charged = [silo for silo in plan.silos if silo not in released_nothing]
-        kept = sum((m.noise.rho for m in plan.measures if m.silo in charged), start=Fraction(0))
+        kept = sum((m.rho for m in plan.measures if m.silo in charged), start=Fraction(0))
         if not charged:
             await asyncio.to_thread(self.ledger.cancel, consumer, request_id)
         elif released_nothing:
@@ -382,22 +401,7 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         plan: QueryPlan,
         releases: dict[str, Any],
     ) -> query_service_pb2.RunQueryResponse:
-        keys = group_keys(query, bundle)
-        groups = [query_pb2.GroupResult(keys=list(key)) for key in keys]
-        for planning in plan.measures:
-            release = releases[planning.measure.id]
-            for group, released in zip(groups, release.groups, strict=True):
-                for value in released.values:
-                    # Suppression is post-processing of the noisy count: it costs nothing.
-                    suppressed = value.value < planning.min_group_size
-                    group.values.append(
-                        query_pb2.MeasureValue(
-                            measure_id=value.measure_id,
-                            value=0.0 if suppressed else value.value,
-                            error95=value.error95,
-                            suppressed=suppressed,
-                        )
-                    )
+        groups = merge_releases(plan, group_keys(query, bundle), releases, bundle)
         return query_service_pb2.RunQueryResponse(
             request_id=request.request_id,
             group_by=query.group_by,

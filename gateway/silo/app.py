@@ -13,6 +13,7 @@ from gateway.policy.holder import PolicyHolder
 from gateway.policy.model import Bundle
 from gateway.server.runtime import RunningServer, create_server
 from gateway.settings import SiloConfig
+from gateway.silo.caps import SiloCaps
 from gateway.silo.engine import DuckDbEngine
 from gateway.silo.servicer import SiloServicer
 
@@ -34,6 +35,7 @@ class SiloProcess:
         await self.running.stop(grace)
         self.servicer.engine.close()
         self.servicer.release_log.close()  # signs a last checkpoint
+        self.servicer.caps.close()
 
 
 async def start_silo(config: SiloConfig) -> SiloProcess:
@@ -57,7 +59,21 @@ async def start_silo(config: SiloConfig) -> SiloProcess:
         engine.close()
         release_log.close()
         raise
-    servicer = SiloServicer(config.silo, policy, engine, release_log, config.gateway_identity)
+    try:
+        caps = SiloCaps(config.caps_ledger_path, time_zone=config.time_zone)
+    except BaseException:
+        engine.close()
+        release_log.close()
+        raise
+    servicer = SiloServicer(
+        config.silo,
+        policy,
+        engine,
+        release_log,
+        config.gateway_identity,
+        caps=caps,
+        signer=signer,
+    )
     running = await create_server(
         config.listen,
         credentials,

@@ -19,19 +19,14 @@ from gateway.crypto.dev_ca import peer_identities
 from gateway.errors import InvalidQuery, PolicyDenied, ReleaseRefused
 from gateway.policy.decision import decide
 from gateway.policy.holder import PolicyHolder
-from gateway.privacy.noise import MechanismName, add_noise, error95, satisfies
-from gateway.privacy.sensitivity import l1_sensitivity
-from gateway.query.form import parse_query
+from gateway.policy.model import Bundle
+from gateway.query.form import QueryForm, parse_query
 from gateway.query.validate import group_keys, validate_against_policy
 from gateway.server.status import request_facts, rpc_boundary
-from gateway.silo.engine import DuckDbEngine
-from gateway.silo.receipt import release_digest
-from gateway.silo.sql import compile_release_sql
-
-MECHANISMS: dict[int, MechanismName] = {
-    query_pb2.MECHANISM_DISCRETE_LAPLACE: "discrete_laplace",
-    query_pb2.MECHANISM_DISCRETE_GAUSSIAN: "discrete_gaussian",
-}
+from gateway.silo.caps import SiloCaps
+from gateway.silo.engine import Engine
+from gateway.silo.receipt import ReceiptSigner, receipt_to_record
+from gateway.silo.release import CheckedMeasure, check_plan, release_measure
 
 
 class SiloServicer(silo_service_pb2_grpc.SiloServiceServicer):
@@ -39,9 +34,13 @@ class SiloServicer(silo_service_pb2_grpc.SiloServiceServicer):
         self,
         silo: str,
         policy: PolicyHolder,
-        engine: DuckDbEngine,
+        engine: Engine,
         release_log: AuditLog,
         gateway_identity: str,
+        *,
+        one_row_datasets: frozenset[str] = frozenset(),
+        caps: SiloCaps,
+        signer: ReceiptSigner,
     ) -> None:
         self.silo = silo
         # Each request reads `policy.current` once: a reload never mixes two versions in one
@@ -50,6 +49,11 @@ class SiloServicer(silo_service_pb2_grpc.SiloServiceServicer):
         self.engine = engine
         self.release_log = release_log
         self.gateway_identity = gateway_identity
+        # Datasets whose privacy unit this silo verified unique at start-up: released without
+        # per-person bounding (see gateway.silo.sql).
+        self.one_row_datasets = one_row_datasets
+        self.caps = caps
+        self.signer = signer
 
     def _require_gateway(self, context: grpc.aio.ServicerContext) -> None:
         if self.gateway_identity not in peer_identities(context.auth_context()):
@@ -111,46 +115,53 @@ class SiloServicer(silo_service_pb2_grpc.SiloServiceServicer):
                 reason=decision.reason_code,
                 metadata={"rules": ",".join(decision.deciding_rules)},
             )
+        # Every plan is checked before any SQL runs: one bad plan refuses the whole release.
+        checked = [
+            check_plan(plan, measure, bundle.datasets[measure.dataset], query.group_by)
+            for plan, measure in zip(request.plans, query.measures, strict=True)
+        ]
+        charges = self.caps.charges(bundle, checked)
+        reserved = await asyncio.to_thread(
+            self.caps.reserve, request.consumer, request.request_id, query.digest, charges
+        )
+        try:
+            response = await self._release(request, query, bundle, checked)
+        except BaseException:
+            if reserved:  # nothing left the silo: the cap is not charged
+                await asyncio.to_thread(self.caps.cancel, request.consumer, request.request_id)
+            raise
+        if reserved:
+            await asyncio.to_thread(self.caps.commit, request.consumer, request.request_id)
+        return response
+
+    async def _release(
+        self,
+        request: silo_service_pb2.ReleaseRequest,
+        query: QueryForm,
+        bundle: Bundle,
+        checked: list[CheckedMeasure],
+    ) -> silo_service_pb2.ReleaseResponse:
         keys = group_keys(query, bundle)
-        releases = []
-        for plan, measure in zip(request.plans, query.measures, strict=True):
-            dataset = bundle.datasets[measure.dataset]
-            sensitivity = l1_sensitivity(dataset, measure.kind)
-            mechanism = MECHANISMS.get(plan.mechanism)
-            rho = Fraction(plan.cost.rho) if plan.cost.rho else Fraction(0)
-            if mechanism is None or not satisfies(mechanism, plan.scale, sensitivity, rho):
-                raise ReleaseRefused(
-                    f"measure '{measure.id}': the planned noise is too small for the stated cost",
-                    metadata={"measure": measure.id, "scale": plan.scale, "rho": plan.cost.rho},
-                )
-            compiled = compile_release_sql(measure, dataset, query.group_by)
-            exact = {
-                tuple(str(v) for v in row[:-1]): int(str(row[-1]))
-                for row in await self.engine.fetch(compiled)
-            }
-            # Every public key in key-set order; keys absent from the data count 0, values outside
-            # the key set are dropped. The vector's shape never depends on the data.
-            noisy = add_noise([exact.get(key, 0) for key in keys], mechanism, plan.scale)
-            error = error95(mechanism, plan.scale)
-            releases.append(
-                silo_service_pb2.MeasureRelease(
-                    measure_id=measure.id,
-                    scale=plan.scale,
-                    groups=[
-                        query_pb2.GroupResult(
-                            keys=list(key),
-                            values=[
-                                query_pb2.MeasureValue(
-                                    measure_id=measure.id, value=float(value), error95=error
-                                )
-                            ],
-                        )
-                        for key, value in zip(keys, noisy, strict=True)
-                    ],
-                )
+        releases = [
+            await release_measure(
+                measure,
+                self.engine,
+                query.group_by,
+                keys,
+                one_row_per_person=measure.measure.dataset in self.one_row_datasets,
             )
+            for measure in checked
+        ]
         released_at = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-        digest = release_digest(request.request_id, request.consumer, releases)
+        receipt = self.signer.sign(
+            silo=self.silo,
+            request_id=request.request_id,
+            query_digest=query.digest,
+            datasets=list(query.datasets),
+            rho=sum((m.rho for m in checked), Fraction(0)),
+            releases=releases,
+            released_at=released_at,
+        )
         # In a worker thread: the append waits for its disk sync, and the silo keeps serving other
         # releases meanwhile (concurrent appends share one sync). Awaited before answering.
         await asyncio.to_thread(
@@ -163,13 +174,9 @@ class SiloServicer(silo_service_pb2_grpc.SiloServiceServicer):
                 "policy_version": bundle.version,
                 "query": query.canonical(),
                 "rho": [plan.cost.rho for plan in request.plans],
-                "scales": [plan.scale for plan in request.plans],
-                "digest": digest,
+                "scales": [plan.components[0].scale for plan in request.plans],
+                "digest": receipt.digest,
+                "receipt": receipt_to_record(receipt),
             },
         )
-        return silo_service_pb2.ReleaseResponse(
-            releases=releases,
-            receipt=silo_service_pb2.ReleaseReceipt(
-                silo=self.silo, digest=digest, released_at=released_at
-            ),
-        )
+        return silo_service_pb2.ReleaseResponse(releases=releases, receipt=receipt)

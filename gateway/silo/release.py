@@ -1,0 +1,180 @@
+"""The silo's release of one measure: check the gateway's plan, compute, add noise.
+
+The silo trusts nothing in a plan but the measure itself. It derives the components and their
+sensitivities from its own policy copy (:func:`gateway.privacy.sensitivity.components`) and accepts
+a component's scale only when OpenDP's privacy map says that scale costs at most the rho the plan
+states (:func:`gateway.privacy.noise.satisfies`); the stated rhos must add up to the measure's
+stated cost exactly. Every check runs before any SQL does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+from gateway.api.v1 import query_pb2, silo_service_pb2
+from gateway.errors import ReleaseRefused
+from gateway.policy.model import Dataset
+from gateway.privacy.noise import MechanismName, add_noise, satisfies
+from gateway.privacy.sensitivity import Sensitivity, components, histogram_bins
+from gateway.query.form import MeasureForm
+from gateway.silo.engine import Engine
+from gateway.silo.sql import compile_release_sql
+
+MECHANISMS: dict[int, MechanismName] = {
+    query_pb2.MECHANISM_DISCRETE_LAPLACE: "discrete_laplace",
+    query_pb2.MECHANISM_DISCRETE_GAUSSIAN: "discrete_gaussian",
+}
+MECHANISM_NUMBERS = {name: number for number, name in MECHANISMS.items()}
+_MAX_RHO_TEXT = 80  # "p/q" of any sane amount fits; longer text is refused before parsing
+
+
+@dataclass(frozen=True)
+class CheckedComponent:
+    name: str
+    mechanism: MechanismName
+    scale: float
+    rho: Fraction
+    sensitivity: Sensitivity
+
+
+@dataclass(frozen=True)
+class CheckedMeasure:
+    measure: MeasureForm
+    dataset: Dataset
+    components: tuple[CheckedComponent, ...]
+    cells_per_key: int  # 1, or the number of bins of a histogram
+
+    @property
+    def rho(self) -> Fraction:
+        return sum((c.rho for c in self.components), Fraction(0))
+
+
+def parse_rho(text: str, what: str) -> Fraction:
+    try:
+        if len(text) > _MAX_RHO_TEXT:
+            raise ValueError(text)
+        rho = Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        raise ReleaseRefused(
+            f"{what}: '{text[:_MAX_RHO_TEXT]}' is not an exact rho", reason="PLAN_INVALID"
+        ) from None
+    if rho <= 0:
+        raise ReleaseRefused(f"{what}: rho must be positive, got {rho}", reason="PLAN_INVALID")
+    return rho
+
+
+def check_plan(
+    plan: silo_service_pb2.ReleasePlan,
+    measure: MeasureForm,
+    dataset: Dataset,
+    group_by: tuple[str, ...],
+) -> CheckedMeasure:
+    """The plan's components as this silo computes them; raises ReleaseRefused otherwise."""
+    own = components(dataset, measure, group_by)
+    stated = [c.name for c in plan.components]
+    if stated != [c.name for c in own]:
+        raise ReleaseRefused(
+            f"measure '{measure.id}': the plan's noise components {stated} are not this silo's "
+            f"{[c.name for c in own]}",
+            reason="PLAN_INVALID",
+            metadata={"measure": measure.id},
+        )
+    checked = []
+    for mine, theirs in zip(own, plan.components, strict=True):
+        mechanism = MECHANISMS.get(theirs.mechanism)
+        rho = parse_rho(theirs.rho, f"measure '{measure.id}' component '{mine.name}'")
+        if mechanism is None or not satisfies(mechanism, theirs.scale, mine.sensitivity, rho):
+            raise ReleaseRefused(
+                f"measure '{measure.id}': the planned noise of '{mine.name}' is too small for "
+                "the stated cost",
+                reason="NOISE_TOO_SMALL",
+                metadata={
+                    "measure": measure.id,
+                    "component": mine.name,
+                    "scale": theirs.scale,
+                    "rho": theirs.rho,
+                },
+            )
+        checked.append(CheckedComponent(mine.name, mechanism, theirs.scale, rho, mine.sensitivity))
+    result = CheckedMeasure(
+        measure,
+        dataset,
+        tuple(checked),
+        len(histogram_bins(dataset, measure)) - 1 if measure.kind == "histogram" else 1,
+    )
+    stated_cost = parse_rho(plan.cost.rho, f"measure '{measure.id}' cost")
+    if stated_cost != result.rho:
+        raise ReleaseRefused(
+            f"measure '{measure.id}': the stated cost {stated_cost} is not the sum of its "
+            f"components' {result.rho}",
+            reason="PLAN_INVALID",
+            metadata={"measure": measure.id},
+        )
+    return result
+
+
+def exact_vectors(
+    rows: Sequence[tuple[object, ...]],
+    keys: Sequence[tuple[str, ...]],
+    cells_per_key: int,
+    n_components: int,
+    *,
+    binned: bool,
+) -> list[list[int]]:
+    """One integer vector per component over every public key (bins inner).
+
+    Keys absent from the data are 0 and values outside the key set are dropped, so the vector's
+    shape never depends on the data.
+    """
+    width = len(keys[0]) if keys else 0
+    index = {key: i for i, key in enumerate(keys)}
+    vectors = [[0] * (len(keys) * cells_per_key) for _ in range(n_components)]
+    for row in rows:
+        position = index.get(tuple(str(v) for v in row[:width]))
+        if position is None:
+            continue
+        cell = position * cells_per_key
+        if binned:
+            bin_index = int(str(row[width]))
+            if not 0 <= bin_index < cells_per_key:
+                continue
+            cell += bin_index
+        for c in range(n_components):
+            vectors[c][cell] = int(str(row[len(row) - n_components + c]))
+    return vectors
+
+
+async def release_measure(
+    checked: CheckedMeasure,
+    engine: Engine,
+    group_by: tuple[str, ...],
+    keys: Sequence[tuple[str, ...]],
+    *,
+    one_row_per_person: bool,
+) -> silo_service_pb2.MeasureRelease:
+    """Run the bounded SQL, then add each component's noise; nothing exact is returned."""
+    compiled = compile_release_sql(
+        checked.measure, checked.dataset, group_by, one_row_per_person=one_row_per_person
+    )
+    rows = await engine.fetch(compiled)
+    vectors = exact_vectors(
+        rows,
+        keys,
+        checked.cells_per_key,
+        len(checked.components),
+        binned=checked.measure.kind == "histogram",
+    )
+    return silo_service_pb2.MeasureRelease(
+        measure_id=checked.measure.id,
+        components=[
+            silo_service_pb2.ComponentRelease(
+                name=c.name,
+                values=add_noise(vector, c.mechanism, c.scale),
+                mechanism=MECHANISM_NUMBERS[c.mechanism],
+                scale=c.scale,
+            )
+            for c, vector in zip(checked.components, vectors, strict=True)
+        ],
+    )
