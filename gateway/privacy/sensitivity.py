@@ -7,8 +7,16 @@ derivations below hold whatever the database contains.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from gateway.errors import InvalidQuery
 from gateway.policy.model import Dataset
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    l1: int  # L1 sensitivity of the integer vector
+    l2_squared: int  # squared L2 sensitivity, exact
 
 
 def l1_sensitivity(dataset: Dataset, kind: str) -> int:
