@@ -19,6 +19,7 @@ from google.protobuf.message import Message
 from gateway.api.v1 import query_pb2
 from gateway.errors import DeadlineTooShort, FieldViolation, InvalidQuery, TooManyRequests
 from gateway.policy.model import Bundle
+from gateway.privacy.sensitivity import histogram_bins
 from gateway.query.form import QueryForm
 from gateway.settings import GatewayLimits
 
@@ -128,7 +129,8 @@ def check_known_fields(request: Message) -> None:
 
 def check_answer_size(query: QueryForm, bundle: Bundle, limits: GatewayLimits) -> None:
     """Refuse (INVALID_QUERY) a policy-valid query whose answer would have more groups (the
-    product of its key-set sizes) or values (groups x measures) than the caps allow."""
+    product of its key-set sizes) or values (groups x measures, a histogram counting its bins)
+    than the caps allow."""
     dataset = bundle.datasets[query.measures[0].dataset]
     sizes = []
     for column in query.group_by:
@@ -136,7 +138,12 @@ def check_answer_size(query: QueryForm, bundle: Bundle, limits: GatewayLimits) -
         assert key_set is not None  # validate_against_policy checked it
         sizes.append(len(bundle.key_sets[key_set]))
     groups = prod(sizes)
-    values = groups * len(query.measures)
+    # A histogram releases one value per bin in every group.
+    cells = sum(
+        len(histogram_bins(bundle.datasets[m.dataset], m)) - 1 if m.kind == "histogram" else 1
+        for m in query.measures
+    )
+    values = groups * cells
     if groups > limits.max_groups:
         raise InvalidQuery(
             f"the answer would have {groups} groups; at most {limits.max_groups} are allowed",

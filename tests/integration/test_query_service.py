@@ -143,23 +143,30 @@ def test_silo_refuses_noise_smaller_than_its_own_computation(system, pki) -> Non
             plans=[
                 silo_service_pb2.ReleasePlan(
                     measure=measure,
-                    mechanism=query_pb2.MECHANISM_DISCRETE_LAPLACE,
-                    scale=0.5,  # epsilon 1 at sensitivity 1 needs scale >= 1
                     cost=query_pb2.PrivacyCost(rho="1/2"),
+                    components=[
+                        silo_service_pb2.NoiseComponent(
+                            name="value",
+                            mechanism=query_pb2.MECHANISM_DISCRETE_LAPLACE,
+                            scale=0.5,  # epsilon 1 at sensitivity 1 needs scale >= 1
+                            rho="1/2",
+                        )
+                    ],
                 )
             ],
         )
         with pytest.raises(grpc.RpcError) as caught:
             stub.Release(request, timeout=10)
-        assert parse_rpc_error(caught.value).reason == "PLAN_REFUSED"
+        assert parse_rpc_error(caught.value).reason == "NOISE_TOO_SMALL"
         request.policy_version = "0" * 64
-        request.plans[0].scale = 1.0 + 1e-9
+        request.plans[0].components[0].scale = 1.0 + 1e-9
         with pytest.raises(grpc.RpcError) as caught:
             stub.Release(request, timeout=10)
         assert parse_rpc_error(caught.value).reason == "POLICY_VERSION_MISMATCH"
         request.policy_version = describe.policy_version
         released = stub.Release(request, timeout=10)
-    assert [g.keys[0] for g in released.releases[0].groups] == ["D01", "D02", "D03", "D04"]
+    assert [c.name for c in released.releases[0].components] == ["value"]
+    assert len(released.releases[0].components[0].values) == 4  # D01..D04
     assert len(released.receipt.digest) == 64
 
 
