@@ -66,6 +66,17 @@ def _certs_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _silo_keygen(args: argparse.Namespace) -> int:
+    from gateway.silo.receipt import generate_receipt_key
+
+    key_id = generate_receipt_key(args.private, args.public, overwrite=args.overwrite)
+    sys.stdout.write(
+        f"receipt key {key_id}: private key {args.private} (the silo's receipt_key), public key "
+        f"{args.public} (the gateway's silos.<name>.receipt_key; auditors' --silo-key)\n"
+    )
+    return 0
+
+
 def _data_generate(args: argparse.Namespace) -> int:
     from gateway.demo.synthetic import generate_departments
 
@@ -283,6 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     certs_init.add_argument("--consumer", action="append", default=None)
     certs_init.add_argument("--overwrite", action="store_true")
     certs_init.set_defaults(handler=_certs_init)
+
+    silo = commands.add_parser("silo", help="silo agent tools")
+    silo_commands = silo.add_subparsers(dest="silo_command", required=True)
+    silo_keygen = silo_commands.add_parser(
+        "keygen", help="create the Ed25519 key pair with which a silo signs its release receipts"
+    )
+    silo_keygen.add_argument("private", type=Path, help="private key file (written mode 0600)")
+    silo_keygen.add_argument("public", type=Path, help="public key file, for the gateway")
+    silo_keygen.add_argument("--overwrite", action="store_true", help="replace existing files")
+    silo_keygen.set_defaults(handler=_silo_keygen)
 
     data = commands.add_parser("data", help="synthetic department data")
     data_commands = data.add_subparsers(dest="data_command", required=True)

@@ -57,7 +57,10 @@ def gateway_config(
         policy=policy,
         ledger=system_root / "state" / "ledger.sqlite",
         audit=system_root / "state" / "audit",
-        silos={name: SiloEndpoint(address=address) for name, address in silo_addresses.items()},
+        silos={
+            name: SiloEndpoint(address=address, receipt_key=pki.receipt_keys(name).public)
+            for name, address in silo_addresses.items()
+        },
         **{"policy_reload_seconds": 0.0, **options},
     )
 
@@ -79,8 +82,18 @@ def silo_config(
         database=database,
         release_log=system_root / "state" / f"silo-{silo}",
         gateway_identity=GATEWAY_IDENTITY,
+        receipt_key=pki.receipt_keys(silo).private,
         **{"policy_reload_seconds": 0.0, **options},
     )
+
+
+def silo_endpoints(pki: DevPki, addresses: dict[str, str]) -> dict[str, dict[str, str]]:
+    """The ``silos`` section of a gateway config file (YAML/JSON form) for silos at
+    ``addresses``, with each silo's public receipt key."""
+    return {
+        name: {"address": address, "receipt_key": str(pki.receipt_keys(name).public)}
+        for name, address in addresses.items()
+    }
 
 
 def start_silos(

@@ -29,7 +29,7 @@ from typing import NamedTuple
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -167,6 +167,14 @@ class CertKeyPaths(NamedTuple):
     key: Path
 
 
+class ReceiptKeyPaths(NamedTuple):
+    """Where a silo's Ed25519 receipt key pair was written: the private key for the silo's
+    ``receipt_key``, the public key for the gateway's ``silos.<name>.receipt_key``."""
+
+    private: Path
+    public: Path
+
+
 @dataclass(frozen=True)
 class DevPki:
     """The files ``init_dev_pki`` wrote: the CA, and a certificate and key per party."""
@@ -177,6 +185,9 @@ class DevPki:
     gateway_paths: CertKeyPaths
     silo_paths: Mapping[str, CertKeyPaths] = field(hash=False)
     consumer_paths: Mapping[str, CertKeyPaths] = field(hash=False)
+    receipt_key_paths: Mapping[str, ReceiptKeyPaths] = field(
+        hash=False, default_factory=lambda: MappingProxyType({})
+    )
 
     @property
     def gateway(self) -> TlsFiles:
@@ -190,6 +201,16 @@ class DevPki:
     def consumer(self, name: str) -> TlsFiles:
         """The files of consumer ``name``; ``KeyError`` if this PKI issued no such certificate."""
         return self._tls_files(self.consumer_paths, name, "consumer")
+
+    def receipt_keys(self, name: str) -> ReceiptKeyPaths:
+        """The receipt key pair of silo ``name``; ``KeyError`` if none was written."""
+        try:
+            return self.receipt_key_paths[name]
+        except KeyError:
+            known = ", ".join(sorted(self.receipt_key_paths)) or "none"
+            raise KeyError(
+                f"no receipt key for silo {name!r} in {self.directory} (known: {known})"
+            ) from None
 
     def _tls_files(self, paths: Mapping[str, CertKeyPaths], name: str, role: str) -> TlsFiles:
         try:
@@ -215,9 +236,10 @@ def init_dev_pki(
 
     Files: ``ca.pem``/``ca.key``; ``gateway.pem``/``.key`` (serverAuth and clientAuth, because the
     gateway serves consumers and calls silos); ``silo-<name>.pem``/``.key`` (serverAuth);
-    ``consumer-<name>.pem``/``.key`` (clientAuth). Server certificates also carry ``hosts`` as DNS
-    or IP SANs so that clients verify the host name. Keys are EC P-256, signatures ECDSA with
-    SHA-256, private keys are written with mode 0600.
+    ``consumer-<name>.pem``/``.key`` (clientAuth); ``silo-<name>.receipt.key``/``.receipt.pub``
+    (the Ed25519 key pair with which the silo signs its release receipts). Server certificates
+    also carry ``hosts`` as DNS or IP SANs so that clients verify the host name. TLS keys are EC
+    P-256, signatures ECDSA with SHA-256, private keys are written with mode 0600.
 
     Refuses with ``FileExistsError`` when ``directory`` already holds a CA, unless ``overwrite`` is
     true; overwriting replaces the CA and every certificate, and deletes the ``silo-*`` and
@@ -276,8 +298,12 @@ def init_dev_pki(
         )
         for name in consumer_names
     }
+    receipt_paths = {name: _write_receipt_keys(directory, f"silo-{name}") for name in silo_names}
     if overwrite:
-        _remove_stale_leaves(directory, keep=[*silo_paths.values(), *consumer_paths.values()])
+        _remove_stale_leaves(
+            directory,
+            keep=[*silo_paths.values(), *consumer_paths.values(), *receipt_paths.values()],
+        )
     # The CA is written last: a run that fails half-way leaves no CA, so a retry is not refused.
     _write_private_key(ca_key_path, ca_key)
     _write_file(ca_cert_path, ca_cert.public_bytes(serialization.Encoding.PEM), _CERTIFICATE_MODE)
@@ -289,6 +315,7 @@ def init_dev_pki(
         gateway_paths=gateway_paths,
         silo_paths=MappingProxyType(silo_paths),
         consumer_paths=MappingProxyType(consumer_paths),
+        receipt_key_paths=MappingProxyType(receipt_paths),
     )
 
 
@@ -420,9 +447,9 @@ def _subject_alternative_host_names(hosts: Sequence[str]) -> tuple[x509.GeneralN
     return tuple(names)
 
 
-def _remove_stale_leaves(directory: Path, keep: Iterable[CertKeyPaths]) -> None:
+def _remove_stale_leaves(directory: Path, keep: Iterable[tuple[Path, Path]]) -> None:
     kept = {path for paths in keep for path in paths}
-    for pattern in ("silo-*.pem", "silo-*.key", "consumer-*.pem", "consumer-*.key"):
+    for pattern in ("silo-*.pem", "silo-*.key", "silo-*.pub", "consumer-*.pem", "consumer-*.key"):
         for path in directory.glob(pattern):
             if path not in kept and path.is_file():
                 path.unlink()
@@ -435,6 +462,26 @@ def _write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         encryption_algorithm=serialization.NoEncryption(),
     )
     _write_file(path, pem, _PRIVATE_KEY_MODE)
+
+
+def _write_receipt_keys(directory: Path, stem: str) -> ReceiptKeyPaths:
+    # PKCS#8 / SubjectPublicKeyInfo PEM: what gateway.silo.receipt reads (pycryptodome).
+    key = ed25519.Ed25519PrivateKey.generate()
+    paths = ReceiptKeyPaths(
+        private=directory / f"{stem}.receipt.key", public=directory / f"{stem}.receipt.pub"
+    )
+    private_pem = key.private_bytes(
+        encoding=serialization.Encoding.PEM,
+        format=serialization.PrivateFormat.PKCS8,
+        encryption_algorithm=serialization.NoEncryption(),
+    )
+    public_pem = key.public_key().public_bytes(
+        encoding=serialization.Encoding.PEM,
+        format=serialization.PublicFormat.SubjectPublicKeyInfo,
+    )
+    _write_file(paths.private, private_pem, _PRIVATE_KEY_MODE)
+    _write_file(paths.public, public_pem, _CERTIFICATE_MODE)
+    return paths
 
 
 def _write_file(path: Path, data: bytes, mode: int) -> None:

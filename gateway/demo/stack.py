@@ -171,6 +171,8 @@ def start_stack(
                     "database": str(data / f"{silo}.duckdb"),
                     "release_log": str(state / f"silo-{silo}"),
                     "gateway_identity": GATEWAY_IDENTITY,
+                    # Signs the silo's release receipts; the gateway checks them with the .pub.
+                    "receipt_key": str(pki.receipt_keys(silo).private),
                     "audit_log": {"signing_key": str(audit_keys / "silo-audit.pem")},
                 },
             )
@@ -184,7 +186,10 @@ def start_stack(
                 "policy": str(policy),
                 "ledger": str(state / "gateway" / "ledger.sqlite"),
                 "audit": str(state / "gateway" / "audit"),
-                "silos": {silo: {"address": address} for silo, address in addresses.items()},
+                "silos": {
+                    silo: {"address": address, "receipt_key": str(pki.receipt_keys(silo).public)}
+                    for silo, address in addresses.items()
+                },
                 "audit_log": {"signing_key": str(audit_keys / "gateway-audit.pem")},
                 **(gateway_settings or {}),
             },

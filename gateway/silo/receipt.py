@@ -1,32 +1,429 @@
-"""The digest of a release, as a silo's receipt states it and the gateway checks it.
+"""Signed release receipts: what a silo states it released, verifiable by the gateway and auditors.
 
-One function for both sides, so that the gateway recomputes exactly what the silo hashed: the
-request id, the consumer and every released value in order. The values are the noisy floats the
-silo sends (JSON keeps a float's shortest round-trip form, so both sides hash the same text).
+A receipt (``silo_service_pb2.ReleaseReceipt``) is the silo's Ed25519 signature (RFC 8032, with
+pycryptodome) over its *statement*: the RFC 8785 canonical JSON of every receipt field but
+``signature`` and ``digest``::
+
+    {"datasets": [...], "key_id": "...", "query_digest": "...", "released_at": "...",
+     "request_id": "...", "rho": "p/q", "silo": "...", "values_digest": "..."}
+
+``digest`` is the SHA-256 (hex) of the statement's bytes: the identity by which the silo's release
+log and the gateway's audit log name one release. ``values_digest`` is the SHA-256 (hex) of the
+canonical JSON of the released values (:func:`values_digest`); ``query_digest`` is
+:attr:`gateway.query.form.QueryForm.digest` of the silo's part of the query; ``key_id`` is the
+first 16 hex characters of the SHA-256 of the raw public key (as for policy keys).
+
+One module for every side, so that each recomputes exactly what the silo signed: the silo signs
+(:class:`ReceiptSigner`) and logs (:func:`release_log_entry`); the gateway checks a receipt
+against its request and the released values (:func:`receipt_problem`) and records it
+(:func:`receipt_to_record`); an auditor checks a recorded receipt offline with the silo's public
+key (:func:`receipt_record_problem`). Checks return a description of the problem instead of
+raising, and never name a released value. This module never signs anything but a statement it
+built itself, and never accepts a receipt whose signature it has not verified.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
-import json
-from collections.abc import Iterable
+from collections.abc import Mapping, Sequence
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
 
-from gateway.api.v1 import silo_service_pb2
+from Crypto.PublicKey import ECC
+from Crypto.Signature import eddsa
+
+from gateway.api.v1 import query_pb2, silo_service_pb2
+from gateway.audit import jcs
+from gateway.errors import ConfigurationError
+from gateway.policy.signing import generate_signing_key
+from gateway.query.form import QueryForm, parse_query
+
+# The statement's fields, in the receipt's terms; the signature and digest cover exactly these.
+STATEMENT_FIELDS = (
+    "silo",
+    "released_at",
+    "request_id",
+    "query_digest",
+    "datasets",
+    "rho",
+    "values_digest",
+    "key_id",
+)
+RECORD_FIELDS = frozenset((*STATEMENT_FIELDS, "digest", "signature"))
+_HEX = frozenset("0123456789abcdef")
+_SIGNATURE_BYTES = 64
+_KEY_ID_CHARS = 16
 
 
-def release_digest(
-    request_id: str, consumer: str, releases: Iterable[silo_service_pb2.MeasureRelease]
-) -> str:
-    """SHA-256 (hex) of the canonical release content."""
-    content = json.dumps(
+# -- keys -------------------------------------------------------------------------------------
+
+
+def receipt_key_id(key: ECC.EccKey) -> str:
+    """The receipt's ``key_id``: hex SHA-256 of the raw Ed25519 public key, 16 characters."""
+    raw = key.public_key().export_key(format="raw")
+    return hashlib.sha256(raw).hexdigest()[:_KEY_ID_CHARS]
+
+
+def _read_key(path: Path, role: str) -> ECC.EccKey:
+    try:
+        key = ECC.import_key(Path(path).read_text(encoding="ascii"))
+    except OSError as err:
+        raise ConfigurationError(
+            f"cannot read the {role} {path}: {err.strerror}",
+            reason="KEY_UNREADABLE",
+            metadata={"path": path},
+        ) from err
+    except (ValueError, IndexError, TypeError, UnicodeDecodeError):
+        raise ConfigurationError(
+            f"the {role} {path} is not a PEM key",
+            reason="KEY_UNREADABLE",
+            metadata={"path": path},
+        ) from None
+    if key.curve != "Ed25519":
+        raise ConfigurationError(
+            f"the {role} {path} is not an Ed25519 key",
+            reason="KEY_UNREADABLE",
+            metadata={"path": path},
+        )
+    return key
+
+
+def load_receipt_public_key(path: Path) -> ECC.EccKey:
+    """A silo's public receipt key (the gateway's ``silos.<name>.receipt_key``, an auditor's
+    ``--silo-key``). A private key is refused: whoever holds it could forge receipts."""
+    key = _read_key(path, "receipt public key")
+    if key.has_private():
+        raise ConfigurationError(
+            f"the receipt public key {path} is a private key; give the silo's public key",
+            reason="KEY_UNREADABLE",
+            metadata={"path": path},
+        )
+    return key
+
+
+def generate_receipt_key(private_path: Path, public_path: Path, *, overwrite: bool = False) -> str:
+    """Write a new Ed25519 receipt key pair (PEM, the private key mode 0600); return its key id.
+
+    The private key stays with the silo (``receipt_key`` in its config); the public key goes to
+    the gateway (``silos.<name>.receipt_key``) and to auditors (``--silo-key NAME=PUB``).
+    """
+    # The same PEM key pair as policy and checkpoint keys, but its own pair: a silo's receipt
+    # key states what the silo released, and must not be able to sign anything else.
+    generate_signing_key(private_path, public_path, overwrite=overwrite)
+    return receipt_key_id(load_receipt_public_key(public_path))
+
+
+# -- what is signed ---------------------------------------------------------------------------
+
+
+def values_digest(releases: Sequence[silo_service_pb2.MeasureRelease]) -> str:
+    """SHA-256 (hex) of the released values, every component of every measure in order.
+
+    The hashed bytes are the RFC 8785 JSON of ``[{"measure": id, "components": [{"name": name,
+    "values": "v1,v2,..."}, ...]}, ...]`` with each value in decimal (a minus sign, no leading
+    zeros): text, because a 64-bit value need not be an exact JSON number. The measure ids and
+    component names are in it so that values cannot move between measures unnoticed.
+    """
+    document = [
         {
-            "request_id": request_id,
-            "consumer": consumer,
-            "releases": [
-                {"measure": r.measure_id, "values": [g.values[0].value for g in r.groups]}
-                for r in releases
+            "measure": release.measure_id,
+            "components": [
+                {"name": component.name, "values": ",".join(map(str, component.values))}
+                for component in release.components
             ],
-        },
-        sort_keys=True,
+        }
+        for release in releases
+    ]
+    return hashlib.sha256(jcs.canonicalize(document)).hexdigest()
+
+
+def _statement(fields: Mapping[str, Any]) -> bytes:
+    return jcs.canonicalize({name: fields[name] for name in STATEMENT_FIELDS})
+
+
+def _statement_of(receipt: silo_service_pb2.ReleaseReceipt) -> bytes:
+    return _statement(
+        {
+            "silo": receipt.silo,
+            "released_at": receipt.released_at,
+            "request_id": receipt.request_id,
+            "query_digest": receipt.query_digest,
+            "datasets": list(receipt.datasets),
+            "rho": receipt.rho,
+            "values_digest": receipt.values_digest,
+            "key_id": receipt.key_id,
+        }
     )
-    return hashlib.sha256(content.encode()).hexdigest()
+
+
+def rho_text(rho: Fraction) -> str:
+    """An exact rho as a receipt states it: ``p/q``, or an integer."""
+    return str(Fraction(rho))
+
+
+def request_query(request: silo_service_pb2.ReleaseRequest) -> QueryForm:
+    """The silo's part of the query, as the silo parses it from a release request.
+
+    The gateway uses it to recompute ``query_digest`` and ``datasets`` from what it sent; raises
+    ``InvalidQuery`` for a request the silo would refuse anyway.
+    """
+    return parse_query(
+        query_pb2.Query(
+            purpose=request.purpose,
+            measures=[plan.measure for plan in request.plans],
+            group_by=request.group_by,
+        )
+    )
+
+
+def request_rho(request: silo_service_pb2.ReleaseRequest) -> Fraction:
+    """The rho a release request states for the silo (the sum of its plans' costs)."""
+    return sum(
+        (Fraction(plan.cost.rho) if plan.cost.rho else Fraction(0) for plan in request.plans),
+        Fraction(0),
+    )
+
+
+class ReceiptSigner:
+    """Signs a silo's receipts with its Ed25519 private key (``receipt_key`` in its config)."""
+
+    def __init__(self, private_key: ECC.EccKey) -> None:
+        if private_key.curve != "Ed25519" or not private_key.has_private():
+            raise ValueError("a receipt signer needs an Ed25519 private key")
+        self.public_key = private_key.public_key()
+        self.key_id = receipt_key_id(private_key)
+        self._signer = eddsa.new(private_key, "rfc8032")
+
+    @classmethod
+    def load(cls, path: Path) -> ReceiptSigner:
+        """The signer of the PEM private key at ``path``; ConfigurationError (one line naming
+        the file) when it is missing, unreadable, not Ed25519 or a public key."""
+        key = _read_key(path, "receipt signing key")
+        if not key.has_private():
+            raise ConfigurationError(
+                f"the receipt signing key {path} is a public key; configure the private key",
+                reason="KEY_UNREADABLE",
+                metadata={"path": path},
+            )
+        return cls(key)
+
+    def sign(
+        self,
+        *,
+        silo: str,
+        request_id: str,
+        query_digest: str,
+        datasets: Sequence[str],
+        rho: Fraction,
+        releases: Sequence[silo_service_pb2.MeasureRelease],
+        released_at: str,
+    ) -> silo_service_pb2.ReleaseReceipt:
+        """The signed receipt of ``releases`` (Ed25519 is deterministic: one statement, one
+        signature)."""
+        fields: dict[str, Any] = {
+            "silo": silo,
+            "released_at": released_at,
+            "request_id": request_id,
+            "query_digest": query_digest,
+            "datasets": sorted(datasets),
+            "rho": rho_text(rho),
+            "values_digest": values_digest(releases),
+            "key_id": self.key_id,
+        }
+        statement = _statement(fields)
+        return silo_service_pb2.ReleaseReceipt(
+            **fields,
+            digest=hashlib.sha256(statement).hexdigest(),
+            signature=self._signer.sign(statement),
+        )
+
+
+# -- checking ---------------------------------------------------------------------------------
+
+
+def _keys(public_key: ECC.EccKey | Sequence[ECC.EccKey]) -> list[ECC.EccKey]:
+    return [public_key] if isinstance(public_key, ECC.EccKey) else list(public_key)
+
+
+def _signature_problem(
+    statement: bytes,
+    digest: str,
+    signature: bytes,
+    key_id: str,
+    public_key: ECC.EccKey | Sequence[ECC.EccKey],
+) -> str | None:
+    if digest != hashlib.sha256(statement).hexdigest():
+        return "the receipt's digest does not match its statement"
+    keys = {receipt_key_id(key): key for key in _keys(public_key)}
+    key = keys.get(key_id)
+    if key is None:
+        known = ", ".join(sorted(keys)) or "none"
+        return f"unknown receipt key id {key_id[:_KEY_ID_CHARS]!r} (known: {known})"
+    if len(signature) != _SIGNATURE_BYTES:
+        return f"bad signature: {len(signature)} bytes, not {_SIGNATURE_BYTES}"
+    try:
+        eddsa.new(key, "rfc8032").verify(statement, signature)
+    except ValueError:
+        return "bad signature: it does not verify with the silo's receipt key"
+    return None
+
+
+def receipt_problem(
+    receipt: silo_service_pb2.ReleaseReceipt,
+    *,
+    silo: str,
+    request_id: str,
+    releases: Sequence[silo_service_pb2.MeasureRelease],
+    public_key: ECC.EccKey | Sequence[ECC.EccKey],
+    query_digest: str | None = None,
+    datasets: Sequence[str] | None = None,
+    rho: Fraction | None = None,
+) -> str | None:
+    """What is wrong with a silo's receipt for ``releases``, or None when it holds.
+
+    Checked: the silo's name, the request id, the values digest against the values received,
+    the query digest, datasets and rho when given (the gateway passes what it asked for), the
+    digest, the key id against the silo's configured key(s) and the signature.
+    """
+    if receipt.silo != silo:
+        return f"the receipt names another silo ({receipt.silo[:64]!r}, expected {silo!r})"
+    if receipt.request_id != request_id:
+        return "the receipt names another request id"
+    if receipt.values_digest != values_digest(releases):
+        return "values digest mismatch: the receipt does not state the released values"
+    if query_digest is not None and receipt.query_digest != query_digest:
+        return "query digest mismatch: the receipt states another query"
+    if datasets is not None and list(receipt.datasets) != sorted(datasets):
+        return f"the receipt states datasets {sorted(receipt.datasets)!r}, expected {sorted(datasets)!r}"
+    if rho is not None and receipt.rho != rho_text(rho):
+        return f"the receipt states rho {receipt.rho[:64]!r}, expected {rho_text(rho)!r}"
+    return _signature_problem(
+        _statement_of(receipt), receipt.digest, receipt.signature, receipt.key_id, public_key
+    )
+
+
+def receipt_to_record(receipt: silo_service_pb2.ReleaseReceipt) -> dict[str, Any]:
+    """The receipt as JSON for an audit record (the signature in base64), complete enough to
+    be verified offline with :func:`receipt_record_problem`."""
+    return {
+        "silo": receipt.silo,
+        "released_at": receipt.released_at,
+        "request_id": receipt.request_id,
+        "query_digest": receipt.query_digest,
+        "datasets": list(receipt.datasets),
+        "rho": receipt.rho,
+        "values_digest": receipt.values_digest,
+        "key_id": receipt.key_id,
+        "digest": receipt.digest,
+        "signature": base64.b64encode(receipt.signature).decode("ascii"),
+    }
+
+
+def record_shape_problem(record: object) -> str | None:
+    """Why ``record`` is not a receipt record in the shape :func:`receipt_to_record` writes
+    (None when it is): every field present, of its type, hex digests, canonical base64."""
+    if not isinstance(record, dict):
+        return "a receipt is not an object"
+    missing = sorted(RECORD_FIELDS - set(record))
+    if missing:
+        return f"the receipt lacks {', '.join(missing)}"
+    extra = sorted(set(record) - RECORD_FIELDS)
+    if extra:
+        return f"the receipt has unknown field(s) {', '.join(extra[:5])}"
+    for name in RECORD_FIELDS - {"datasets"}:
+        if not isinstance(record[name], str):
+            return f"the receipt's {name} is not text"
+    datasets = record["datasets"]
+    if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets):
+        return "the receipt's datasets are not a list of names"
+    for name in ("digest", "values_digest", "query_digest"):
+        value = record[name]
+        if len(value) != 64 or not _HEX.issuperset(value):
+            return f"the receipt's {name} is not a SHA-256 in hex"
+    signature = record["signature"]
+    try:
+        raw = base64.b64decode(signature, validate=True)
+    except (binascii.Error, ValueError):
+        return "the receipt's signature is not base64"
+    if base64.b64encode(raw).decode("ascii") != signature:
+        return "the receipt's signature is not canonical base64"
+    return None
+
+
+def receipt_record_problem(
+    record: Mapping[str, Any] | object, public_key: ECC.EccKey | Sequence[ECC.EccKey]
+) -> str | None:
+    """What is wrong with a receipt as recorded by :func:`receipt_to_record`, checked with the
+    silo's public key(s) (several when the silo rotated its key); None when it holds."""
+    problem = record_shape_problem(record)
+    if problem is not None:
+        return problem
+    assert isinstance(record, dict)
+    return _signature_problem(
+        _statement(record),
+        record["digest"],
+        base64.b64decode(record["signature"]),
+        record["key_id"],
+        public_key,
+    )
+
+
+# -- the silo's release log -------------------------------------------------------------------
+
+
+def release_log_entry(
+    receipt: silo_service_pb2.ReleaseReceipt,
+    request: silo_service_pb2.ReleaseRequest,
+    *,
+    policy_version: str,
+    query: QueryForm,
+    releases: Sequence[silo_service_pb2.MeasureRelease],
+) -> dict[str, Any]:
+    """The fields of the silo's ``release`` record (``release_log.append("release", ...)``).
+
+    ``request_id``, ``consumer``, ``purpose``, ``policy_version``, ``datasets``, ``query`` (the
+    canonical form), ``query_digest``, ``rho`` (the total the silo accepted, as in the receipt),
+    ``rho_per_measure`` and ``scales`` (per measure id: one scale per component, as released),
+    ``values_digest``, ``digest`` (the receipt's, which reconciliation matches) and ``receipt``
+    (:func:`receipt_to_record`, so the log alone proves what the silo signed).
+    """
+    return {
+        "request_id": receipt.request_id,
+        "consumer": request.consumer,
+        "purpose": request.purpose,
+        "policy_version": policy_version,
+        "datasets": list(receipt.datasets),
+        "query": query.canonical(),
+        "query_digest": receipt.query_digest,
+        "rho": receipt.rho,
+        "rho_per_measure": {plan.measure.id: plan.cost.rho for plan in request.plans},
+        "scales": {
+            release.measure_id: [component.scale for component in release.components]
+            for release in releases
+        },
+        "values_digest": receipt.values_digest,
+        "digest": receipt.digest,
+        "receipt": receipt_to_record(receipt),
+    }
+
+
+__all__ = [
+    "RECORD_FIELDS",
+    "STATEMENT_FIELDS",
+    "ReceiptSigner",
+    "generate_receipt_key",
+    "load_receipt_public_key",
+    "receipt_key_id",
+    "receipt_problem",
+    "receipt_record_problem",
+    "receipt_to_record",
+    "record_shape_problem",
+    "release_log_entry",
+    "request_query",
+    "request_rho",
+    "rho_text",
+    "values_digest",
+]
