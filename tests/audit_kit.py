@@ -2,21 +2,54 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import io
 import json
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from Crypto.PublicKey import ECC
+from Crypto.Signature import eddsa
 
+from gateway.api.v1 import silo_service_pb2
+from gateway.audit import jcs
 from gateway.audit.checkpoint import CheckpointSigner, load_signing_key
 from gateway.audit.log import AuditLog, AuditLogOptions
 from gateway.cli import main
 from gateway.policy.signing import generate_signing_key
+from gateway.silo.receipt import STATEMENT_FIELDS, ReceiptSigner, receipt_to_record
 
 ORIGIN = "test.silogate/audit"
+# A fixed receipt key for the silo "civil" of the small logs (deterministic: same records each run).
+CIVIL_RECEIPTS = ReceiptSigner(ECC.construct(curve="Ed25519", seed=bytes(range(32))))
+
+
+def write_receipt_public_key(path: Path, signer: ReceiptSigner = CIVIL_RECEIPTS) -> Path:
+    """The PEM public key of ``signer``, for ``--silo-key civil=PATH``."""
+    path.write_text(signer.public_key.export_key(format="PEM") + "\n", encoding="ascii")
+    return path
+
+
+def civil_receipt(number: int, signer: ReceiptSigner = CIVIL_RECEIPTS) -> dict[str, Any]:
+    """The recorded receipt of silo "civil" for ``request-<number>`` (signed)."""
+    release = silo_service_pb2.MeasureRelease(
+        measure_id="people",
+        components=[silo_service_pb2.ComponentRelease(name="value", values=[1234 + number, 0])],
+    )
+    receipt = signer.sign(
+        silo="civil",
+        request_id=f"request-{number}",
+        query_digest=f"{number:064x}",
+        datasets=["civil.residents"],
+        rho=Fraction(1, 200),
+        releases=[release],
+        released_at="2026-01-01T00:00:00.000+00:00",
+    )
+    return receipt_to_record(receipt)
 
 
 @dataclass(frozen=True)
@@ -50,7 +83,21 @@ def query_record(number: int) -> dict[str, Any]:
         "rho": "1/200",
         "scales": {"people": 14.142135623730951},
         "values": [[["north"], "people", 1234.5 + number, False], [["south"], "people", 0.0, True]],
-        "receipts": [{"silo": "civil", "digest": f"{number:064x}", "at": "2026-01-01T00:00:00Z"}],
+        "receipts": [civil_receipt(number)],
+    }
+
+
+def resign_receipt(receipt: dict[str, Any], request_id: str, private_key: Path) -> dict[str, Any]:
+    """A recorded receipt for another request id, signed again with the silo's key (for logs
+    filled with copies of real records)."""
+    statement_fields = {**{k: receipt[k] for k in STATEMENT_FIELDS}, "request_id": request_id}
+    statement = jcs.canonicalize(statement_fields)
+    key = ECC.import_key(private_key.read_text())
+    signature = eddsa.new(key, "rfc8032").sign(statement)
+    return {
+        **statement_fields,
+        "digest": hashlib.sha256(statement).hexdigest(),
+        "signature": base64.b64encode(signature).decode(),
     }
 
 
@@ -206,6 +253,11 @@ def _run_audited(root: Path, pki: Any, data_dir: Path, records: int, queries: in
             fields = {k: v for k, v in template.items() if k not in ("seq", "time", "kind")}
             if "request_id" in fields:
                 fields["request_id"] = f"{fields['request_id']}-copy-{number}"
+                if fields.get("receipts"):
+                    fields["receipts"] = [
+                        resign_receipt(r, fields["request_id"], pki.receipt_keys(r["silo"]).private)
+                        for r in fields["receipts"]
+                    ]
             audit.append(template["kind"], fields)
             number += 1
     finally:

@@ -90,7 +90,31 @@ def _add_verify(commands: Subcommands) -> None:
     verify.add_argument(
         "--max-failures", type=int, default=20, help="failures to list (default 20)"
     )
+    verify.add_argument(
+        "--silo-key",
+        type=_silo_key,
+        action="append",
+        default=[],
+        metavar="NAME=PUB",
+        help="a silo's public receipt key: its receipts' signatures are verified (repeat per "
+        "silo, and for keys used before a rotation); receipts of other silos are reported as "
+        "not checked",
+    )
     verify.set_defaults(handler=_verify)
+
+
+def _silo_key(text: str) -> tuple[str, Path]:
+    name, separator, path = text.partition("=")
+    if not separator or not name or not path:
+        raise argparse.ArgumentTypeError(f"'{text}' is not NAME=PUB (e.g. civil=keys/civil.pub)")
+    return name, Path(path)
+
+
+def _silo_keys(pairs: list[tuple[str, Path]]) -> dict[str, list[Path]]:
+    keys: dict[str, list[Path]] = {}
+    for name, path in pairs:
+        keys.setdefault(name, []).append(path)
+    return keys
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -102,6 +126,7 @@ def _verify(args: argparse.Namespace) -> int:
         state_file=args.state,
         allow_archived=args.allow_archived,
         max_failures=args.max_failures,
+        silo_keys=_silo_keys(args.silo_key),
     )
     sys.stdout.write(report.render())
     return 0 if report.ok else 1
@@ -281,8 +306,9 @@ def _add_reconcile(commands: Subcommands) -> None:
         "reconcile",
         help="check the gateway log against silo release logs, both ways",
         description="Exit 0 when every release in the given silo logs has its receipt in the "
-        "gateway log (same request id, digest, consumer, purpose, policy version, measures, "
-        "noise scales and cost) and every gateway receipt from those silos is in their logs; "
+        "gateway log (same request id, receipt digest, consumer, purpose, policy version, "
+        "measures, noise scales and cost), every gateway receipt from those silos is in their "
+        "logs and (with --silo-key) every receipt of those silos carries the silo's signature; "
         "otherwise list each mismatch (silo, request id, what differs) and exit 1.",
     )
     reconcile.add_argument("directory", type=Path, help="the gateway's audit log directory")
@@ -299,6 +325,15 @@ def _add_reconcile(commands: Subcommands) -> None:
         help="check only releases made before this time (a log still being written)",
     )
     reconcile.add_argument("--format", choices=("text", "jsonl"), default="text")
+    reconcile.add_argument(
+        "--silo-key",
+        type=_silo_key,
+        action="append",
+        default=[],
+        metavar="NAME=PUB",
+        help="a silo's public receipt key: its receipts in both logs must carry its valid "
+        "signature (repeat per silo, and for keys used before a rotation)",
+    )
     reconcile.set_defaults(handler=_reconcile)
 
 
@@ -306,5 +341,9 @@ def _reconcile(args: argparse.Namespace) -> int:
     from gateway.audit.reconcile import print_reconciliation
 
     return print_reconciliation(
-        args.directory, args.silo_logs, until=args.until, output=args.format
+        args.directory,
+        args.silo_logs,
+        until=args.until,
+        output=args.format,
+        silo_keys=_silo_keys(args.silo_key),
     )

@@ -1,13 +1,18 @@
 """Reconciliation of the gateway's audit log with the silos' release logs.
 
-Each silo keeps its own log of what it released (``kind: release``, with the digest of the released
-values and the cost it accepted), and the gateway's record of a released query holds one receipt per
-silo (silo, digest, time). ``silogate audit reconcile DIR SILO_LOG...`` checks both directions:
+Each silo keeps its own log of what it released (``kind: release``, with its signed receipt, the
+receipt's digest and the cost it accepted), and the gateway's record of a released query holds the
+signed receipt of each silo (:func:`gateway.silo.receipt.receipt_to_record`). A release and a
+receipt are the same when they have the same receipt digest and request id.
+``silogate audit reconcile DIR SILO_LOG...`` checks both directions:
 
 - every release a silo logged appears in the gateway log as a query record with a receipt from
   that silo carrying the same digest, for the same consumer, purpose, policy version
   and measures, at the same noise scales and the same cost;
-- every receipt in the gateway log from a silo whose log was given appears in that silo's log.
+- every receipt in the gateway log from a silo whose log was given appears in that silo's log;
+- with the silos' public receipt keys (``--silo-key NAME=PUB``), every receipt in the silo's log
+  and every receipt of that silo in the gateway's log carries the silo's valid signature (a
+  receipt the silo did not sign is ``RECEIPT_INVALID``).
 
 When one silo of a query fails, the gateway records the query as ``failed`` with the receipts of
 the silos that did answer (their share stays charged): those releases are matched like any other.
@@ -22,7 +27,8 @@ otherwise the silos' shares must add up to the gateway's total, which is checked
 named in the record's receipts was given.
 
 This module reads logs only through :func:`gateway.audit.store.iter_records` and never writes to
-them. It does not check hashes or signatures: ``silogate audit verify`` does, for each log.
+them. It does not check the logs' hashes or checkpoint signatures: ``silogate audit verify`` does,
+for each log.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from gateway.audit.search import (
     parse_rho,
@@ -46,6 +52,10 @@ from gateway.audit.search import (
     text_field,
 )
 from gateway.audit.store import iter_records
+from gateway.silo.receipt import load_receipt_public_key, receipt_record_problem
+
+if TYPE_CHECKING:
+    from Crypto.PublicKey import ECC
 
 # The fields a silo's release shares with the gateway's record of the query.
 _SHARED_FIELDS = ("consumer", "purpose", "policy_version")
@@ -94,6 +104,7 @@ class Reconciliation:
     silo_releases: Counter[str] = field(default_factory=Counter)  # releases checked, per silo
     receipts_checked: Counter[str] = field(default_factory=Counter)  # per silo
     receipts_unchecked: Counter[str] = field(default_factory=Counter)  # silos not given, per silo
+    signatures_checked: Counter[str] = field(default_factory=Counter)  # receipts verified, per silo
 
     @property
     def ok(self) -> bool:
@@ -156,6 +167,20 @@ def _seq(record: Mapping[str, Any]) -> int | None:
     return seq if isinstance(seq, int) else None
 
 
+def _released_at(receipt: Mapping[str, Any]) -> object:
+    # "at" in logs written before receipts were signed.
+    return receipt.get("released_at", receipt.get("at"))
+
+
+def _release_digest(release: Mapping[str, Any]) -> object:
+    """The receipt digest a silo's release record names (``digest``; else its receipt's).
+    That the two agree is checked by ``silogate audit verify`` on the silo's log."""
+    if "digest" in release:
+        return release.get("digest")
+    receipt = release.get("receipt")
+    return receipt.get("digest") if isinstance(receipt, dict) else None
+
+
 # -- comparing one release with its gateway record ------------------------------------------
 
 
@@ -171,6 +196,7 @@ def _compare(
 
     found: list[Mismatch] = []
     receipts = [r for r in _receipts(gateway) if r.get("silo") == silo]
+    digest = _release_digest(release)
     if not receipts:
         found.append(
             mismatch(
@@ -179,12 +205,22 @@ def _compare(
                 f"(it has receipts from {_silo_names(gateway) or 'no silo'})",
             )
         )
-    elif all(r.get("digest") != release.get("digest") for r in receipts):
+    elif all(r.get("digest") != digest for r in receipts):
         found.append(
             mismatch(
                 "DIGEST_DIFFERS",
-                f"released values digest {release.get('digest')!s} in the silo's log, "
+                f"receipt digest {digest!s} in the silo's log, "
                 f"{receipts[0].get('digest')!s} in the gateway's receipt",
+            )
+        )
+    elif any(
+        r.get("digest") == digest and r.get("request_id", request_id) != request_id
+        for r in receipts
+    ):
+        found.append(
+            mismatch(
+                "REQUEST_ID_DIFFERS",
+                "the gateway's receipt with this digest names another request id",
             )
         )
     for name in _SHARED_FIELDS:
@@ -231,6 +267,15 @@ def _compare(
     return found, checked
 
 
+def _gateway_component_scales(gateway: Mapping[str, Any], measure_id: str) -> object:
+    """The scales the gateway planned for a measure's components, in order."""
+    components = gateway.get("components")
+    if isinstance(components, dict) and isinstance(components.get(measure_id), list):
+        return [c.get("scale") if isinstance(c, dict) else None for c in components[measure_id]]
+    scales = gateway.get("scales")
+    return [scales.get(measure_id)] if isinstance(scales, dict) else None
+
+
 def _compare_scales(
     release: Mapping[str, Any],
     gateway: Mapping[str, Any],
@@ -240,6 +285,20 @@ def _compare_scales(
     scales = gateway.get("scales")
     gateway_scales = scales if isinstance(scales, dict) else {}
     silo_scales = release.get("scales")
+    if isinstance(silo_scales, dict):
+        # Per measure id, one scale per noise component (the silo's release record).
+        found = []
+        for measure_id, actual in sorted(silo_scales.items()):
+            expected = _gateway_component_scales(gateway, measure_id)
+            if actual != expected:
+                found.append(
+                    mismatch(
+                        "SCALE_DIFFERS",
+                        f"noise scales {actual!r} of measure '{measure_id}' in the silo's log, "
+                        f"{expected!r} in the gateway's",
+                    )
+                )
+        return found
     # The silo lists scales in the order the gateway planned the measures, not by id: compare
     # them as sorted lists (exact floats, as both sides wrote the same number).
     expected = sorted(
@@ -310,13 +369,17 @@ def reconcile(
     silo_logs: Mapping[str, Iterable[Mapping[str, Any]]],
     *,
     until: dt.datetime | None = None,
+    silo_keys: Mapping[str, Sequence[ECC.EccKey]] | None = None,
 ) -> Reconciliation:
     """Compare a gateway log with the release logs of some silos (name to records).
 
     With ``until``, only releases made before it are required to match (by the silo's clock, on
-    both sides: a silo's record time and a receipt's ``at``), so a log still being written can be
-    reconciled up to a moment when nothing was in flight. Lookups always search everything.
+    both sides: a silo's record time and a receipt's ``released_at``), so a log still being
+    written can be reconciled up to a moment when nothing was in flight. Lookups always search
+    everything. With ``silo_keys`` (a silo's public receipt keys), the receipts of those silos
+    are verified on both sides.
     """
+    keys = silo_keys or {}
     index = _index_gateway(gateway_records)
     result = Reconciliation()
     seen: set[tuple[str, str]] = set()
@@ -358,6 +421,10 @@ def reconcile(
                     )
                 )
             release = logged[0]
+            if silo in keys:
+                result.mismatches.extend(
+                    _signature_mismatches(silo, request_id, logged, keys[silo], result, "silo")
+                )
             gateway = _answered(index, silo, request_id)
             if gateway is None:
                 result.mismatches.append(_unreleased(silo, request_id, release, index))
@@ -376,10 +443,16 @@ def reconcile(
     for request_id, record in answered:
         for receipt in _receipts(record):
             silo = str(receipt.get("silo"))
+            if silo in keys:
+                result.mismatches.extend(
+                    _signature_mismatches(
+                        silo, request_id, [record], keys[silo], result, "gateway", receipt
+                    )
+                )
             if silo not in silo_logs:
                 result.receipts_unchecked[silo] += 1
                 continue
-            if not _before(receipt.get("at"), until):
+            if not _before(_released_at(receipt), until):
                 continue
             result.receipts_checked[silo] += 1
             if (silo, request_id) not in seen:
@@ -389,7 +462,7 @@ def reconcile(
                         request_id,
                         "RELEASE_MISSING",
                         f"the gateway holds a receipt from silo '{silo}' (digest "
-                        f"{receipt.get('digest')!s}, at {receipt.get('at')!s}) but the silo's "
+                        f"{receipt.get('digest')!s}, at {_released_at(receipt)!s}) but the silo's "
                         "log has no release for this request",
                         gateway_seq=_seq(record),
                     )
@@ -398,6 +471,43 @@ def reconcile(
         result.mismatches.extend(_total_cost(request_id, index.released[request_id][0], shares))
     result.mismatches.sort(key=lambda m: (m.silo, m.request_id, m.problem))
     return result
+
+
+def _signature_mismatches(
+    silo: str,
+    request_id: str,
+    records: Sequence[Mapping[str, Any]],
+    keys: Sequence[ECC.EccKey],
+    result: Reconciliation,
+    side: Literal["silo", "gateway"],
+    receipt: Mapping[str, Any] | None = None,
+) -> list[Mismatch]:
+    """A receipt that is not the silo's valid signature over this request: from the silo's log
+    (``receipt`` of each record) or one receipt of the gateway's record."""
+    found = []
+    for record in records:
+        current = receipt if receipt is not None else record.get("receipt")
+        problem = receipt_record_problem(current, keys)
+        if problem is None and isinstance(current, dict):
+            if current.get("silo") != silo:
+                problem = f"the receipt names silo {str(current.get('silo'))[:64]!r}"
+            elif current.get("request_id") != request_id:
+                problem = "the receipt names another request id"
+        if problem is None:
+            result.signatures_checked[silo] += 1
+            continue
+        seqs = {"silo_seq": _seq(record)} if side == "silo" else {"gateway_seq": _seq(record)}
+        found.append(
+            Mismatch(
+                silo,
+                request_id,
+                "RECEIPT_INVALID",
+                f"the {'silo' if side == 'silo' else 'gateway'}'s log holds a receipt the silo's "
+                f"key does not verify: {problem}",
+                **seqs,
+            )
+        )
+    return found
 
 
 def _answered(index: _GatewayIndex, silo: str, request_id: str) -> dict[str, Any] | None:
@@ -479,6 +589,7 @@ def print_reconciliation(
     until: dt.datetime | None = None,
     output: Literal["text", "jsonl"] = "text",
     out: IO[str] | None = None,
+    silo_keys: Mapping[str, Sequence[Path]] | None = None,
 ) -> int:
     """``silogate audit reconcile``: every mismatch, then a summary; exit 0 when none."""
     stream = out or sys.stdout
@@ -489,10 +600,15 @@ def print_reconciliation(
     for folder in (directory, *(s.directory for s in silo_logs)):
         if not Path(folder).is_dir():
             raise ValueError(f"{folder} is not a directory")
+    keys = {
+        silo: [load_receipt_public_key(path) for path in paths]
+        for silo, paths in (silo_keys or {}).items()
+    }
     result = reconcile(
         iter_records(directory),
         {s.name: iter_records(s.directory) for s in silo_logs},
         until=until,
+        silo_keys=keys,
     )
     if output == "jsonl":
         for found in result.mismatches:
@@ -508,6 +624,17 @@ def print_reconciliation(
         for silo, count in sorted(result.receipts_unchecked.items()):
             stream.write(
                 f"{printable(silo)}: {count} receipt(s) not checked (its log was not given)\n"
+            )
+        for silo in sorted(keys):
+            stream.write(
+                f"{printable(silo)}: {result.signatures_checked[silo]} receipt signature(s) "
+                "verified\n"
+            )
+        unsigned = sorted({*names, *result.receipts_unchecked} - set(keys))
+        if unsigned:
+            stream.write(
+                f"receipt signatures not checked for {', '.join(map(printable, unsigned))} "
+                "(no --silo-key)\n"
             )
         stream.write(
             "reconciled: every release matches\n"

@@ -7,6 +7,10 @@ Merkle tree, nothing per record otherwise):
   the records before it and a checkpoint, signed by one of the keys, for that size;
 - every record line is canonical JSON (RFC 8785), a JSON object, with the sequence number of its
   position, a kind and a time; a released query carries a receipt from each silo it used;
+- every silo receipt (in the gateway's query records, and in a silo's own ``release`` records) is
+  complete and names the record's request; with the silo's public receipt key (``--silo-key
+  NAME=PUB``) its digest and Ed25519 signature are verified (:mod:`gateway.silo.receipt`). A
+  receipt from a silo without a given key is counted as unchecked and reported, not failed;
 - every checkpoint in ``checkpoints.jsonl`` verifies with one of the keys, has the log's origin,
   covers no more records than the log has, has the root recomputed from the records, and is
   consistent (RFC 9162 proof, generated and verified) with the one before it; no size has two
@@ -30,7 +34,8 @@ import contextlib
 import datetime as dt
 import json
 import os
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,8 +68,11 @@ from gateway.audit.store import (
     read_segment_start,
     scan_lines,
 )
-
-_HEX = frozenset("0123456789abcdef")
+from gateway.silo.receipt import (
+    load_receipt_public_key,
+    receipt_record_problem,
+    record_shape_problem,
+)
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,9 @@ class VerifyReport:
     failure_count: int = 0
     warnings: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Silo receipts whose signature was verified / could not be (no key for the silo), per silo.
+    receipts_checked: Counter[str] = field(default_factory=Counter)
+    receipts_unchecked: Counter[str] = field(default_factory=Counter)
 
     @property
     def ok(self) -> bool:
@@ -137,6 +148,13 @@ class VerifyReport:
                 lines.append(f"  ... and {self.failure_count - len(self.failures)} more")
         lines.extend(f"warning: {finding}" for finding in self.warnings)
         lines.extend(self.notes)
+        for silo, count in sorted(self.receipts_checked.items()):
+            lines.append(f"receipts of silo '{silo}': {count} signature(s) verified")
+        for silo, count in sorted(self.receipts_unchecked.items()):
+            lines.append(
+                f"receipts of silo '{silo}': {count} not checked (no key given: "
+                f"--silo-key {silo}=PUB)"
+            )
         return "\n".join(lines) + "\n"
 
 
@@ -152,28 +170,75 @@ def _open_with_any(note: str, keys: Sequence[ECC.EccKey], origin: str | None) ->
     raise first_error
 
 
-def _receipt_problem(record: dict[str, Any]) -> str | None:
-    """Why a released query's silo receipts are not acceptable (None when they are)."""
-    if record.get("kind") != "query" or record.get("decision") != "released":
-        return None
-    receipts = record.get("receipts")
-    if not isinstance(receipts, list) or not receipts:
-        return "a released query without silo receipts"
-    silos = set()
-    for receipt in receipts:
-        if not isinstance(receipt, dict):
-            return "a silo receipt is not an object"
-        silo, digest, at = receipt.get("silo"), receipt.get("digest"), receipt.get("at")
-        if not isinstance(silo, str) or not silo:
+class _ReceiptChecker:
+    """Checks the silo receipts of records with the silos' public receipt keys (if given)."""
+
+    def __init__(self, silo_keys: Mapping[str, Sequence[ECC.EccKey]], report: VerifyReport) -> None:
+        self.silo_keys = silo_keys
+        self.report = report
+
+    def one(self, receipt: object, request_id: object) -> str | None:
+        """Why one receipt is not acceptable (None when it is)."""
+        shape = record_shape_problem(receipt)
+        if shape is not None:
+            return shape
+        assert isinstance(receipt, dict)
+        name = receipt["silo"]
+        if not name:
             return "a silo receipt names no silo"
-        if not isinstance(digest, str) or len(digest) != 64 or not _HEX.issuperset(digest):
-            return f"the receipt of silo '{silo}' has no SHA-256 digest"
-        if not isinstance(at, str) or not at:
-            return f"the receipt of silo '{silo}' has no release time"
-        if silo in silos:
-            return f"two receipts from silo '{silo}'"
-        silos.add(silo)
-    return None
+        if receipt["request_id"] != request_id:
+            return f"the receipt of silo '{name}' names another request id"
+        keys = self.silo_keys.get(name)
+        if keys is None:
+            self.report.receipts_unchecked[name] += 1
+            return None
+        problem = receipt_record_problem(receipt, keys)
+        if problem is not None:
+            return f"the receipt of silo '{name}': {problem}"
+        self.report.receipts_checked[name] += 1
+        return None
+
+    def query(self, record: dict[str, Any]) -> str | None:
+        """A gateway query record: a released one needs one receipt per silo it used; a failed
+        one keeps the receipts of the silos that answered."""
+        receipts = record.get("receipts")
+        released = record.get("decision") == "released"
+        if receipts is None and not released:
+            return None
+        if not isinstance(receipts, list) or (released and not receipts):
+            return "a released query without silo receipts" if released else "bad receipts"
+        silos: set[str] = set()
+        for receipt in receipts:
+            problem = self.one(receipt, record.get("request_id"))
+            if problem is not None:
+                return problem
+            silo = receipt["silo"]
+            if silo in silos:
+                return f"two receipts from silo '{silo}'"
+            silos.add(silo)
+        return None
+
+    def release(self, record: dict[str, Any]) -> str | None:
+        """A silo's ``release`` record: its receipt, and the digests it states beside it."""
+        if "receipt" not in record:
+            return "a release record without its receipt"
+        receipt = record["receipt"]
+        problem = self.one(receipt, record.get("request_id"))
+        if problem is not None:
+            return problem
+        assert isinstance(receipt, dict)
+        for name in ("digest", "values_digest", "query_digest", "rho"):
+            if name in record and record[name] != receipt[name]:
+                return f"the record's {name} differs from its receipt's"
+        return None
+
+    def check(self, record: dict[str, Any]) -> str | None:
+        kind = record.get("kind")
+        if kind == "query":
+            return self.query(record)
+        if kind == "release":
+            return self.release(record)
+        return None
 
 
 def _record_problem(record: object, position: int) -> str | None:
@@ -191,7 +256,7 @@ def _record_problem(record: object, position: int) -> str | None:
         dt.datetime.fromisoformat(time)
     except ValueError:
         return f"the time {time[:40]!r} is not ISO 8601"
-    return _receipt_problem(record)
+    return None
 
 
 class _Verifier:
@@ -203,10 +268,12 @@ class _Verifier:
         *,
         allow_archived: bool,
         max_record_bytes: int,
+        silo_keys: Mapping[str, Sequence[ECC.EccKey]],
     ) -> None:
         self.directory = directory
         self.keys = keys
         self.report = report
+        self.receipts = _ReceiptChecker(silo_keys, report)
         self.allow_archived = allow_archived
         self.max_record_bytes = max_record_bytes
         self.tree = MerkleTree()
@@ -346,6 +413,9 @@ class _Verifier:
                     report.fail(segment.name, line.number, position, f"not a record: {err}")
                     continue
                 problem = _record_problem(record, position)
+                if problem is None:
+                    assert isinstance(record, dict)
+                    problem = self.receipts.check(record)
                 if problem is not None:
                     report.fail(segment.name, line.number, position, problem)
         except OSError as err:
@@ -598,9 +668,11 @@ def verify_log(
     allow_archived: bool = False,
     max_failures: int = 20,
     max_record_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    silo_keys: Mapping[str, Sequence[Path]] | None = None,
 ) -> VerifyReport:
-    """Check the audit log in ``directory`` (see the module docstring). Keys that cannot be
-    read raise ``ConfigurationError``; everything about the log goes into the report."""
+    """Check the audit log in ``directory`` (see the module docstring). ``silo_keys``: each
+    silo's public receipt key file(s) (several after a rotation). Keys that cannot be read
+    raise ``ConfigurationError``; everything about the log goes into the report."""
     return verify_with_keys(
         directory,
         [load_verification_key(path) for path in keys],
@@ -608,6 +680,10 @@ def verify_log(
         allow_archived=allow_archived,
         max_failures=max_failures,
         max_record_bytes=max_record_bytes,
+        silo_keys={
+            silo: [load_receipt_public_key(path) for path in paths]
+            for silo, paths in (silo_keys or {}).items()
+        },
     )
 
 
@@ -620,13 +696,22 @@ def verify_with_keys(
     max_failures: int = 20,
     max_record_bytes: int = DEFAULT_MAX_LINE_BYTES,
     fail_fast: bool = False,
+    silo_keys: Mapping[str, Sequence[ECC.EccKey]] | None = None,
 ) -> VerifyReport:
     """:func:`verify_log` with keys already loaded. With ``fail_fast``, stop at the first
     failure: the verdict (``ok``) is the same, the report shorter."""
     directory = Path(directory)
     report = VerifyReport(directory, max_failures=max(1, max_failures), fail_fast=fail_fast)
     with contextlib.suppress(_Stop):
-        _run(directory, public_keys, report, state_file, allow_archived, max_record_bytes)
+        _run(
+            directory,
+            public_keys,
+            report,
+            state_file,
+            allow_archived,
+            max_record_bytes,
+            silo_keys or {},
+        )
     return report
 
 
@@ -637,6 +722,7 @@ def _run(
     state_file: Path | None,
     allow_archived: bool,
     max_record_bytes: int,
+    silo_keys: Mapping[str, Sequence[ECC.EccKey]],
 ) -> None:
     if not directory.is_dir():
         report.fail(directory.name or str(directory), None, None, "not a directory")
@@ -647,6 +733,7 @@ def _run(
         report,
         allow_archived=allow_archived,
         max_record_bytes=max_record_bytes,
+        silo_keys=silo_keys,
     )
     verifier.records()
     notes = verifier.checkpoints()

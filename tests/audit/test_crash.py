@@ -25,7 +25,7 @@ import pytest
 from audit_kit import make_key
 from ruamel.yaml import YAML
 from small_budgets import bundle_with_small_budgets
-from support import BackgroundLoop, start_silos, tls_config
+from support import BackgroundLoop, silo_endpoints, start_silos, tls_config
 
 from gateway.audit.store import iter_records
 from gateway.audit.verify import verify_with_keys
@@ -69,7 +69,7 @@ def test_sigkill_while_writing_never_leaves_a_log_verify_rejects(
                 "policy": str(bundle),
                 "ledger": str(tmp_path / "state" / "ledger.sqlite"),
                 "audit": str(audit),
-                "silos": {n: {"address": f"127.0.0.1:{s.port}"} for n, s in silos.items()},
+                "silos": silo_endpoints(pki, {n: f"127.0.0.1:{s.port}" for n, s in silos.items()}),
                 # Small segments and frequent checkpoints: kills land in rotations and signing too.
                 "audit_log": {
                     "signing_key": str(key.private),

@@ -44,8 +44,13 @@ def test_every_answer_a_client_got_is_in_the_log(audited: AuditedSystem) -> None
     assert {"released", "denied", "rejected"} <= decisions
 
 
-def test_the_gateway_and_silo_logs_verify(audited: AuditedSystem, tmp_path: Path) -> None:
+def test_the_gateway_and_silo_logs_verify(audited: AuditedSystem, pki, tmp_path: Path) -> None:
     state = tmp_path / "state.json"
+    silo_keys = [
+        option
+        for name in audited.silo_logs
+        for option in ("--silo-key", f"{name}={pki.receipt_keys(name).public}")
+    ]
     code, out, err = silogate(
         "audit",
         "verify",
@@ -54,15 +59,26 @@ def test_the_gateway_and_silo_logs_verify(audited: AuditedSystem, tmp_path: Path
         audited.gateway_key.public,
         "--state",
         state,
+        *silo_keys,
     )
     assert code == 0 and err == "", out
     assert out.startswith("OK: 1000 records in ")
     assert "latest checkpoint: silogate/gateway size 1000 " in out
+    assert "receipts of silo 'civil': " in out and " signature(s) verified" in out
+    assert "not checked" not in out
     assert len(list_segments(audited.gateway_log)) > 1  # rotated by size on the way
     for name, directory in audited.silo_logs.items():
-        code, out, _ = silogate("audit", "verify", directory, "--key", audited.silo_key.public)
+        code, out, _ = silogate(
+            "audit", "verify", directory, "--key", audited.silo_key.public, *silo_keys
+        )
         assert code == 0, (name, out)
         assert f"silogate/silo/{name}" in out
+    # A receipt key of another silo: the civil receipts no longer verify.
+    wrong = ["--silo-key", f"civil={pki.receipt_keys('org').public}"]
+    code, out, _ = silogate(
+        "audit", "verify", audited.gateway_log, "--key", audited.gateway_key.public, *wrong
+    )
+    assert code == 1 and "unknown receipt key id" in out
 
 
 def test_a_real_release_is_proved_offline(audited: AuditedSystem, tmp_path: Path) -> None:

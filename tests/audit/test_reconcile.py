@@ -84,6 +84,25 @@ def test_the_real_logs_reconcile(scenario: AuditScenario, capsys) -> None:
     assert "civil: 0 release" not in out and "org: 0 release" not in out
 
 
+def test_the_real_receipts_carry_the_silos_signatures(
+    scenario: AuditScenario, pki: Any, capsys
+) -> None:
+    keys = [
+        option
+        for name in scenario.silo_logs
+        for option in ("--silo-key", f"{name}={pki.receipt_keys(name).public}")
+    ]
+    arguments = [str(path) for path in scenario.silo_logs.values()]
+    code = main(["audit", "reconcile", str(scenario.gateway_log), *arguments, *keys])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "civil: 0 receipt signature(s)" not in out
+    assert "receipt signatures not checked" not in out
+    code = main(["audit", "reconcile", str(scenario.gateway_log), *arguments, *keys[:2]])
+    out = capsys.readouterr().out
+    assert code == 0 and "receipt signatures not checked for" in out
+
+
 def test_a_changed_digest_is_reported_with_both_values(
     scenario: AuditScenario, tmp_path: Path, capsys
 ) -> None:
@@ -276,7 +295,7 @@ def test_until_leaves_out_releases_still_in_flight(
         ("civil", scenario.request_ids["civil-partial"], "NOT_IN_GATEWAY_LOG"),
         ("civil", request_id, "NOT_IN_GATEWAY_LOG"),
     ]
-    at = record["receipts"][0]["at"]
+    at = record["receipts"][0]["released_at"]
     code, found = _run(capsys, gateway, silos, "--until", at)
     assert (code, found) == (0, [])
 

@@ -7,13 +7,25 @@ import shutil
 from pathlib import Path
 
 import pytest
-from audit_kit import ORIGIN, LogKey, make_key, query_record, silogate, write_log
+from audit_kit import (
+    CIVIL_RECEIPTS,
+    ORIGIN,
+    LogKey,
+    civil_receipt,
+    make_key,
+    query_record,
+    silogate,
+    write_log,
+    write_receipt_public_key,
+)
+from Crypto.PublicKey import ECC
 
 from gateway.audit import jcs
-from gateway.audit.log import AuditLog
+from gateway.audit.log import AuditLog, AuditLogOptions
 from gateway.audit.merkle import leaf_hash
 from gateway.audit.store import list_segments
 from gateway.audit.verify import verify_with_keys
+from gateway.silo.receipt import ReceiptSigner
 
 
 @pytest.fixture
@@ -24,7 +36,7 @@ def key(tmp_path: Path) -> LogKey:
 @pytest.fixture
 def log_dir(tmp_path: Path, key: LogKey) -> Path:
     directory = tmp_path / "log"
-    write_log(directory, key, 30, segment_max_bytes=4096, checkpoint_every_records=5)
+    write_log(directory, key, 30, segment_max_bytes=6500, checkpoint_every_records=5)
     return directory
 
 
@@ -238,10 +250,128 @@ def test_a_released_query_needs_silo_receipts(tmp_path: Path, key: LogKey) -> No
     del without["receipts"]
     log.append("query", without)
     bad_digest = query_record(2)
-    bad_digest["receipts"] = [{"silo": "civil", "digest": "xyz", "at": "2026-01-01T00:00:00Z"}]
+    bad_digest["receipts"][0]["digest"] = "xyz"
     log.append("query", bad_digest)
+    old_shape = query_record(3)
+    old_shape["receipts"] = [{"silo": "civil", "digest": "ab" * 32, "at": "2026-01-01T00:00:00Z"}]
+    log.append("query", old_shape)
+    other_request = query_record(4)
+    other_request["receipts"] = [civil_receipt(5)]
+    log.append("query", other_request)
+    twice = query_record(5)
+    twice["receipts"] = [civil_receipt(5), civil_receipt(5)]
+    log.append("query", twice)
     log.close()
     code, out = verify(directory, key)
     assert code == 1
     assert "segment-000000000000.jsonl:2 (seq 1): a released query without silo receipts" in out
-    assert ":3 (seq 2): the receipt of silo 'civil' has no SHA-256 digest" in out
+    assert ":3 (seq 2): the receipt's digest is not a SHA-256 in hex" in out
+    assert ":4 (seq 3): the receipt lacks datasets, key_id, query_digest, released_at," in out
+    assert ":5 (seq 4): the receipt of silo 'civil' names another request id" in out
+    assert ":6 (seq 5): two receipts from silo 'civil'" in out
+    assert "FAILED: 5 failure(s)" in out
+
+
+def test_receipt_signatures_are_checked_with_the_silo_keys(tmp_path: Path, key: LogKey) -> None:
+    directory = tmp_path / "log"
+    civil_pub = write_receipt_public_key(tmp_path / "civil-receipts.pub")
+    log = AuditLog(directory, signer=key.signer())
+    for number in range(3):
+        log.append("query", query_record(number))
+    health = ReceiptSigner(ECC.construct(curve="Ed25519", seed=bytes(32)))
+    two_silos = query_record(3)
+    two_silos["receipts"].append({**civil_receipt(3, health), "silo": "health"})
+    log.append("query", two_silos)
+    failed = query_record(4)
+    failed.update(decision="failed")  # keeps the receipt of the silo that answered
+    log.append("query", failed)
+    log.append("explain", {"request_id": "explain-1"})
+    log.close()
+
+    code, out = verify(directory, key, "--silo-key", f"civil={civil_pub}")
+    assert code == 0, out
+    assert "receipts of silo 'civil': 5 signature(s) verified" in out
+    assert "receipts of silo 'health': 1 not checked (no key given: --silo-key health=PUB)" in out
+
+    # Without any silo key: every receipt is complete, none is checked, the log still verifies.
+    code, out = verify(directory, key)
+    assert code == 0
+    assert "receipts of silo 'civil': 5 not checked" in out
+
+
+def test_a_tampered_receipt_is_reported_with_file_line_and_seq(tmp_path: Path, key: LogKey) -> None:
+    """A receipt edited before the record was logged (the gateway's log is intact, its
+    checkpoints sign the edited record): only the silo's signature can tell."""
+    directory = tmp_path / "log"
+    civil_pub = write_receipt_public_key(tmp_path / "civil-receipts.pub")
+    log = AuditLog(directory, signer=key.signer(), options=AuditLogOptions(segment_max_bytes=4096))
+    for number in range(12):
+        record = query_record(number)
+        if number == 9:
+            record["receipts"][0]["rho"] = "1/2000"  # the gateway claims a smaller cost
+        if number == 10:
+            forged = ReceiptSigner(ECC.construct(curve="Ed25519", seed=bytes(32)))
+            forged.key_id = CIVIL_RECEIPTS.key_id
+            record["receipts"] = [civil_receipt(number, forged)]
+        log.append("query", record)
+    log.close()
+    segments = list_segments(directory)
+    assert len(segments) > 1  # the findings name the segment holding each record
+    code, out = verify(directory, key, "--silo-key", f"civil={civil_pub}")
+    assert code == 1
+    ninth = next(s for s in reversed(segments) if s.first <= 9)
+    assert (
+        f"{ninth.name}:{9 - ninth.first + 1} (seq 9): the receipt of silo 'civil': "
+        "the receipt's digest does not match its statement"
+    ) in out
+    tenth = next(s for s in reversed(segments) if s.first <= 10)
+    assert (
+        f"{tenth.name}:{10 - tenth.first + 1} (seq 10): the receipt of silo 'civil': bad "
+        "signature: it does not verify with the silo's receipt key"
+    ) in out
+    assert "FAILED: 2 failure(s)" in out
+    # A wrong key for the silo: every receipt is from an unknown key.
+    other = tmp_path / "other.pub"
+    other.write_text(ECC.generate(curve="ed25519").public_key().export_key(format="PEM"))
+    code, out = verify(directory, key, "--silo-key", f"civil={other}")
+    assert code == 1 and "unknown receipt key id" in out
+    # Both keys (a rotation): the right one is picked by key id.
+    code, out = verify(
+        directory, key, "--silo-key", f"civil={other}", "--silo-key", f"civil={civil_pub}"
+    )
+    assert "FAILED: 2 failure(s)" in out
+
+
+def test_a_silo_release_log_is_checked_with_its_key(tmp_path: Path, key: LogKey) -> None:
+    directory = tmp_path / "silo-civil"
+    civil_pub = write_receipt_public_key(tmp_path / "civil-receipts.pub")
+    log = AuditLog(directory, signer=key.signer("silogate/silo/civil"))
+    for number in range(3):
+        receipt = civil_receipt(number)
+        entry = {"request_id": f"request-{number}", "digest": receipt["digest"]}
+        if number == 1:
+            entry["digest"] = "0" * 64  # the record says another release than its receipt
+        log.append("release", {**entry, "receipt": receipt})
+    log.append("release", {"request_id": "request-3"})
+    log.close()
+    code, out = verify(directory, key, "--silo-key", f"civil={civil_pub}")
+    assert code == 1
+    assert ":2 (seq 1): the record's digest differs from its receipt's" in out
+    assert ":4 (seq 3): a release record without its receipt" in out
+    assert "receipts of silo 'civil': 3 signature(s) verified" in out
+
+
+@pytest.mark.parametrize("argument", ["civil", "=x.pub", "civil="])
+def test_a_malformed_silo_key_argument_is_a_usage_error(
+    log_dir: Path, key: LogKey, argument: str
+) -> None:
+    code, _, err = silogate("audit", "verify", log_dir, "--key", key.public, "--silo-key", argument)
+    assert code == 2 and "is not NAME=PUB" in err
+
+
+def test_an_unreadable_silo_key_is_one_line(log_dir: Path, key: LogKey, tmp_path: Path) -> None:
+    code, out, err = silogate(
+        "audit", "verify", log_dir, "--key", key.public, "--silo-key", f"civil={tmp_path}/no.pub"
+    )
+    assert code == 1 and out == ""
+    assert err.startswith("silogate: KEY_UNREADABLE: cannot read the receipt public key")
