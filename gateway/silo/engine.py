@@ -1,39 +1,163 @@
-"""The silo's database engine adapter (DuckDB, the embedded default).
+"""The silo's database engine adapter: a small interface, and DuckDB (the embedded default) behind it.
 
-Opens the silo's file read-only and runs compiled SQL in a worker thread, one cursor per query.
-Returns exact aggregates to the silo servicer only; they never leave the process un-noised.
+An engine runs compiled release SQL (text from :mod:`gateway.silo.sql`, literals as parameters),
+describes the tables, and verifies facts the bounding plans rely on. It returns exact aggregates
+to the silo servicer only; they never leave the process un-noised. It never runs SQL text that
+holds a request string, and it opens the silo's data read-only.
+
+Other engines (PostgreSQL, Spark SQL) implement :class:`Engine` and give the compiler their
+:class:`~gateway.silo.sql.Dialect`; the compiler's callers do not change.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import shutil
+import tempfile
 import threading
 from pathlib import Path
+from typing import Protocol
 
 import duckdb
 
 from gateway.errors import ConfigurationError
-from gateway.silo.sql import CompiledSql
+from gateway.policy.model import Dataset
+from gateway.silo.sql import DUCKDB, CompiledSql, Dialect, compile_excess_rows, quote
+
+# Measured at 10 million rows (bench/release_sql.py): 512 MB of DuckDB buffers keeps the silo
+# process under 1 GB peak RSS; DuckDB spills larger intermediates to its temporary directory.
+DEFAULT_MEMORY_LIMIT = "512MB"
+DEFAULT_THREADS = 2
+_SCRATCH = "silogate_scratch"
+
+
+class Engine(Protocol):
+    """What the silo needs from a SQL engine."""
+
+    name: str
+    dialect: Dialect
+
+    def tables(self) -> set[str]: ...
+
+    def columns(self, table: str) -> dict[str, str]:
+        """Column names of a table and their engine types."""
+        ...
+
+    def is_unique(self, table: str, column: str) -> bool:
+        """Whether no two rows share a value of ``column`` and none is NULL."""
+        ...
+
+    async def fetch(self, compiled: CompiledSql) -> list[tuple[object, ...]]: ...
+
+    def close(self) -> None: ...
+
+
+def excess_fingerprint(dataset: Dataset) -> str:
+    """What the excess rows of a dataset depend on: a policy reload changing any of it (bounds,
+    privacy unit, declared columns) must not reuse rows selected under the old declaration."""
+    shape = (
+        dataset.table,
+        dataset.privacy_unit,
+        dataset.max_rows_per_person,
+        dataset.max_groups_per_person,
+        sorted((name, column.key_set is not None) for name, column in dataset.columns.items()),
+    )
+    return hashlib.sha256(repr(shape).encode()).hexdigest()[:16]
 
 
 class DuckDbEngine:
-    name = "duckdb"
+    """A DuckDB file opened read-only: DuckDB holds its lock, so while the silo runs no other
+    process can write the table. Facts verified at start-up (one row per person, which persons
+    exceed a bound) therefore stay true for the life of the process."""
 
-    def __init__(self, path: Path) -> None:
+    name = "duckdb"
+    dialect = DUCKDB
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        memory_limit: str = DEFAULT_MEMORY_LIMIT,
+        threads: int = DEFAULT_THREADS,
+    ) -> None:
         if not Path(path).is_file():
             raise ConfigurationError(f"silo database file not found: {path}", reason="DATA_MISSING")
+        self._scratch_dir = Path(tempfile.mkdtemp(prefix="silogate-duckdb-"))
         try:
-            self._db = duckdb.connect(str(path), read_only=True)
+            self._db = duckdb.connect(
+                str(path),
+                read_only=True,
+                config={
+                    "memory_limit": memory_limit,
+                    "threads": threads,
+                    "temp_directory": str(self._scratch_dir / "spill"),
+                },
+            )
         except duckdb.Error as err:
+            shutil.rmtree(self._scratch_dir, ignore_errors=True)
             raise ConfigurationError(
                 f"cannot open silo database {path}: {err}", reason="DATA_MISSING"
             ) from err
         self._lock = threading.Lock()
+        self._excess: dict[str, tuple[str, str]] = {}
+        self._scratch_attached = False
 
     def tables(self) -> set[str]:
         with self._lock:
-            rows = self._db.execute("SELECT table_name FROM information_schema.tables").fetchall()
+            rows = self._db.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_catalog = "
+                "current_database()"
+            ).fetchall()
         return {str(r[0]) for r in rows}
+
+    def columns(self, table: str) -> dict[str, str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT column_name, data_type FROM information_schema.columns "
+                "WHERE table_catalog = current_database() AND table_name = ? "
+                "ORDER BY ordinal_position",
+                [table],
+            ).fetchall()
+        return {str(name): str(kind) for name, kind in rows}
+
+    def is_unique(self, table: str, column: str) -> bool:
+        # A NULL key would be one "person" of several rows to the bounded plan: not unique.
+        sql = (
+            f"SELECT COUNT(*) = COUNT(DISTINCT {quote(column)}) AND COUNT(*) = COUNT({quote(column)}) "
+            f"FROM {quote(table)}"
+        )
+        with self._lock:
+            row = self._db.execute(sql).fetchone()
+        return bool(row and row[0])
+
+    def prepare_excess_rows(self, dataset: Dataset) -> tuple[str, str]:
+        """Materialise the rows of persons beyond a bound (for the excess plan); returns the
+        (catalog, table) to pass as ``compile_release_sql(..., excess_table=...)``.
+
+        Written to a scratch database file in a private temporary directory, not to the silo's
+        data: its pages are buffered under the same memory limit and spill to disk.
+        """
+        key = excess_fingerprint(dataset)
+        with self._lock:
+            if key in self._excess:
+                return self._excess[key]
+            if not self._scratch_attached:
+                scratch = str(self._scratch_dir / "excess.duckdb").replace("'", "''")
+                # A path the silo made itself (never from a request); ATTACH takes no parameter.
+                self._db.execute(f"ATTACH '{scratch}' AS {_SCRATCH} (READ_WRITE)")
+                self._scratch_attached = True
+            table = f"excess_{key}"
+            compiled = compile_excess_rows(dataset, self.dialect)
+            self._db.execute(
+                f"CREATE TABLE {_SCRATCH}.{quote(table)} AS {compiled.sql}", compiled.parameters
+            )
+            self._excess[key] = (_SCRATCH, table)
+            return self._excess[key]
+
+    def excess_rows(self, dataset: Dataset) -> tuple[str, str] | None:
+        """The excess rows prepared for exactly this declaration, if any."""
+        return self._excess.get(excess_fingerprint(dataset))
 
     def _run(self, compiled: CompiledSql) -> list[tuple[object, ...]]:
         with self._lock:
@@ -50,3 +174,4 @@ class DuckDbEngine:
 
     def close(self) -> None:
         self._db.close()
+        shutil.rmtree(self._scratch_dir, ignore_errors=True)
