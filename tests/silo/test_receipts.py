@@ -494,3 +494,37 @@ def test_histogram_value_counts(signer: ReceiptSigner, public_key: ECC.EccKey) -
     assert release_problem("civil", request, response(7), KEYS, public_key=public_key) == (
         "measure 'ages' component 'value' has 7 values, not a whole number of bins for 2 groups"
     )
+
+
+def test_the_gateway_names_the_silo_whose_key_is_missing(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    from gateway.server.silos import load_receipt_keys
+    from gateway.settings import SiloEndpoint
+
+    good = SiloEndpoint(address="127.0.0.1:1", receipt_key=keys[1])
+    assert set(load_receipt_keys({"civil": good})) == {"civil"}
+    missing = SiloEndpoint(address="127.0.0.1:2", receipt_key=tmp_path / "org.pub")
+    with pytest.raises(ConfigurationError) as caught:
+        load_receipt_keys({"civil": good, "org": missing})
+    assert caught.value.reason == "KEY_UNREADABLE"
+    assert caught.value.message.startswith(
+        f"silo 'org': cannot read the receipt public key {tmp_path / 'org.pub'}"
+    )
+
+
+def test_config_files_resolve_receipt_keys_beside_them(tmp_path: Path) -> None:
+    from gateway.settings import GatewayConfig, SiloConfig, load_config
+
+    (tmp_path / "gateway.yaml").write_text(
+        "tls: {ca: ca.pem, cert: g.pem, key: g.key}\npolicy: p\nledger: l\naudit: a\n"
+        "silos: {civil: {address: '127.0.0.1:1', receipt_key: keys/civil.pub}}\n"
+    )
+    gateway = load_config(tmp_path / "gateway.yaml", GatewayConfig)
+    assert gateway.silos["civil"].receipt_key == tmp_path / "keys" / "civil.pub"
+    (tmp_path / "silo.yaml").write_text(
+        "silo: civil\ntls: {ca: ca.pem, cert: s.pem, key: s.key}\npolicy: p\ndatabase: d\n"
+        "release_log: r\ngateway_identity: g\n"
+    )
+    with pytest.raises(ConfigurationError, match="receipt_key: Field required"):
+        load_config(tmp_path / "silo.yaml", SiloConfig)
