@@ -43,8 +43,8 @@ from gateway.audit.store import iter_records
 from gateway.errors import SilogateError
 from gateway.policy.loader import load_bundle
 from gateway.privacy.noise import plan_noise
-from gateway.privacy.sensitivity import l1_sensitivity
-from gateway.query.form import Spend
+from gateway.privacy.sensitivity import components
+from gateway.query.form import MEASURE_KIND_NUMBERS, MeasureForm, Spend
 
 # Colour-blind-safe palette (Okabe and Ito), assigned by rank, never by a name from a record.
 PALETTE = (
@@ -190,14 +190,24 @@ class PopulationMap:
         # Planning asks OpenDP, which is slow next to reading a record; a log repeats a few
         # (dataset, kind, target) triples many times.
         @functools.lru_cache(maxsize=4096)
-        def plan(dataset_name: str, kind: str, target: Fraction) -> Fraction | None:
-            # The gateway's own planning, so a target-error measure is priced as it was charged
-            # (assuming the dataset's bounds have not changed since).
+        def plan(dataset_name: str, kind: str, column: str, target: Fraction) -> Fraction | None:
+            # The gateway's own planning, so a target-error measure of a record written before
+            # the gateway recorded its components is priced as it was charged (assuming the
+            # dataset's bounds have not changed since; COUNT_PERSONS priced without a group-by).
             dataset = bundle.datasets.get(dataset_name)
-            if dataset is None or target == 0:
+            if dataset is None or target == 0 or kind not in MEASURE_KIND_NUMBERS:
                 return None
+            measure = MeasureForm(
+                "m", dataset_name, kind, column, (), Spend(target_error=target)
+            )
             try:
-                return plan_noise(l1_sensitivity(dataset, kind), Spend(target_error=target)).rho
+                return sum(
+                    (
+                        plan_noise(part.sensitivity, measure.spend).rho
+                        for part in components(dataset, measure, ())
+                    ),
+                    Fraction(0),
+                )
             except (SilogateError, ArithmeticError, ValueError):
                 return None  # an unpriceable measure gets its share of the recorded total
 
@@ -206,7 +216,12 @@ class PopulationMap:
             target = parse_rho(spend.get("target_error")) if isinstance(spend, dict) else None
             if target is None:
                 return None
-            return plan(str(measure.get("dataset")), str(measure.get("kind")), target)
+            return plan(
+                str(measure.get("dataset")),
+                str(measure.get("kind")),
+                str(measure.get("column") or ""),
+                target,
+            )
 
         return cls(
             {name: d.population for name, d in bundle.datasets.items()},

@@ -130,6 +130,21 @@ def spend_rho(spend: object) -> Fraction | None:
     return parse_rho(spend.get("rho"))
 
 
+def _recorded_rho(record: Mapping[str, Any], measure: Mapping[str, Any]) -> Fraction | None:
+    """A measure's rho from the record's planned components (recorded since means and
+    histograms: a mean's two halves cost less than its whole spend would alone)."""
+    components = record.get("components")
+    parts = components.get(measure.get("id")) if isinstance(components, dict) else None
+    if not isinstance(parts, list) or not parts:
+        if measure.get("kind") == "mean":
+            return None  # split spend: epsilon e costs 2 (e/2)^2 / 2, never e^2 / 2
+        return spend_rho(measure.get("spend"))
+    rhos = [parse_rho(p.get("rho")) if isinstance(p, dict) else None for p in parts]
+    if any(r is None for r in rhos):
+        return None
+    return sum((r for r in rhos if r is not None), Fraction(0))
+
+
 def measure_costs(
     record: Mapping[str, Any], known: Callable[[Mapping[str, Any]], Fraction | None] | None = None
 ) -> dict[str, Fraction] | None:
@@ -148,7 +163,7 @@ def measure_costs(
     costs: dict[str, Fraction] = {}
     unpriced: list[str] = []
     for measure in measures:
-        cost = spend_rho(measure.get("spend"))
+        cost = _recorded_rho(record, measure)
         if cost is None and known is not None:
             cost = known(measure)
         if cost is None:

@@ -3,8 +3,9 @@
 Civil affairs plans visits to elderly people living alone: elderly living alone per community
 (civil silo) next to registered members per community (org silo), one query across two silos.
 The organization department counts older residents and members per community, and member
-activities by type. A forbidden request
-shows a denial with its reason code, and both departments' budgets are printed at the end.
+activities by type. A forbidden request shows a denial with its reason code. The health commission
+asks for the mean length of home-care visits and a histogram of it per visit type. Budgets are
+printed at the end.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.panel import Panel
 
-from gateway.client import ClientError, SilogateClient, count, where
+from gateway.client import ClientError, SilogateClient, count, histogram, mean_of, where
 from gateway.client.render import budget_table, result_table
 from gateway.demo.stack import Stack, start_stack
 from gateway.settings import ClientConfig, load_config
@@ -100,6 +101,22 @@ def _org_department(console: Console, client: SilogateClient) -> None:
         )
 
 
+def _health_commission(console: Console, client: SilogateClient) -> None:
+    result = client.query(
+        purpose="home-care-planning",
+        measures=[
+            mean_of("mean_minutes", "health.visits", "minutes", epsilon="1"),
+            histogram("minutes", "health.visits", "minutes", bins=[0, 30, 60, 120], epsilon="1"),
+        ],
+        group_by=["visit_type"],
+    )
+    console.print(
+        result_table(
+            result, title="health-commission: home-care visit length by visit type (minutes)"
+        )
+    )
+
+
 def run_demo(workdir: Path, *, people: int, seed: int) -> int:
     console = Console(width=None if sys.stdout.isatty() else 110)
     started = time.monotonic()
@@ -117,6 +134,8 @@ def run_demo(workdir: Path, *, people: int, seed: int) -> int:
         with _connect(stack, "org-department") as org:
             _org_department(console, org)
             org_budget = org.budget()
+        with _connect(stack, "health-commission") as health:
+            _health_commission(console, health)
         console.print(budget_table(civil_budget, title="budget left: civil-affairs"))
         console.print(budget_table(org_budget, title="budget left: org-department"))
     console.print(

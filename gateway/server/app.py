@@ -12,6 +12,7 @@ from gateway.crypto.channels import server_credentials
 from gateway.errors import PolicyInvalid
 from gateway.policy.holder import PolicyHolder
 from gateway.policy.model import Bundle
+from gateway.server.budget_periods import BudgetPeriodWatcher, declared_scopes
 from gateway.server.metrics import GatewayMetrics, MetricsEndpoint
 from gateway.server.runtime import RunningServer, create_server
 from gateway.server.servicer import QueryServicer
@@ -26,6 +27,7 @@ log = logging.getLogger("silogate.gateway")
 class GatewayProcess:
     running: RunningServer
     servicer: QueryServicer
+    periods: BudgetPeriodWatcher
     metrics_endpoint: MetricsEndpoint | None = None
 
     @property
@@ -38,6 +40,7 @@ class GatewayProcess:
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.stop()
         await self.servicer.silos.close()
+        self.periods.stop()
         self.servicer.ledger.close()
         self.servicer.audit.close()  # signs a last checkpoint
 
@@ -57,6 +60,12 @@ async def start_gateway(config: GatewayConfig) -> GatewayProcess:
             on_refuse=lambda err: _audit_refusal(audit, policy, err),
         )
         ledger = PrivacyLedger(config.ledger, time_zone=config.time_zone)
+        silos = SiloClients(config.silos, tls)  # loads the silos' receipt keys
+        # A refreshing budget period that ended while the gateway was down is logged now.
+        periods = BudgetPeriodWatcher(
+            config.ledger, ledger, audit, lambda: declared_scopes(policy.current)
+        )
+        periods.check()
     except BaseException:
         audit.close()  # frees the log's lock for the next start
         raise
@@ -65,7 +74,7 @@ async def start_gateway(config: GatewayConfig) -> GatewayProcess:
         policy,
         ledger,
         audit,
-        SiloClients(config.silos, tls),
+        silos,
         config.silo_timeout_seconds,
         limits=config.limits,
         metrics=metrics,
@@ -93,7 +102,8 @@ async def start_gateway(config: GatewayConfig) -> GatewayProcess:
         endpoint.start()
     policy.start_watching(config.policy_reload_seconds)
     audit.start_checkpoints()
-    return GatewayProcess(running, servicer, endpoint)
+    periods.start(30.0)
+    return GatewayProcess(running, servicer, periods, endpoint)
 
 
 def _audit_activation(audit: AuditLog, bundle: Bundle) -> None:

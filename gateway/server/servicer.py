@@ -64,6 +64,7 @@ from gateway.server.planning import QueryPlan, plan_query, scope_limit
 from gateway.server.silos import SiloClients, SiloFailure
 from gateway.server.status import request_facts, rpc_boundary
 from gateway.settings import GatewayLimits
+from gateway.silo.receipt import receipt_to_record
 
 log = logging.getLogger("silogate.gateway")
 _DEFAULT_PAGE = 50
@@ -284,6 +285,7 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             self.silo_timeout if remaining is None else max(remaining - _DEADLINE_MARGIN, 0.05)
         )
         keys = group_keys(query, bundle)
+        bins = {m.measure.id: m.cells_per_key for m in plan.measures if m.bins}
         requests = {
             silo: silo_service_pb2.ReleaseRequest(
                 request_id=request.request_id,
@@ -318,7 +320,7 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
                 requests,
                 await asyncio.gather(
                     *(
-                        self.silos.release(silo, req, timeout, keys)
+                        self.silos.release(silo, req, timeout, keys, bins)
                         for silo, req in requests.items()
                     ),
                     return_exceptions=True,
@@ -331,10 +333,7 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             for silo, o in outcomes.items()
             if isinstance(o, silo_service_pb2.ReleaseResponse)
         }
-        record["receipts"] = [
-            {"silo": r.receipt.silo, "digest": r.receipt.digest, "at": r.receipt.released_at}
-            for r in responses.values()
-        ]
+        record["receipts"] = [receipt_to_record(r.receipt) for _, r in sorted(responses.items())]
         failures = {s: o for s, o in outcomes.items() if isinstance(o, BaseException)}
         if failures:
             raise await self._settle_failure(consumer, request.request_id, plan, failures, record)

@@ -15,6 +15,7 @@ from gateway.server.runtime import RunningServer, create_server
 from gateway.settings import SiloConfig
 from gateway.silo.caps import SiloCaps
 from gateway.silo.engine import DuckDbEngine
+from gateway.silo.receipt import ReceiptSigner
 from gateway.silo.servicer import SiloServicer
 
 SILO_SERVICE = silo_service_pb2.DESCRIPTOR.services_by_name["SiloService"].full_name
@@ -41,6 +42,7 @@ class SiloProcess:
 async def start_silo(config: SiloConfig) -> SiloProcess:
     """Open the database, load the policy (its tables must exist), then listen."""
     credentials = server_credentials(config.tls.files())
+    signer = ReceiptSigner.load(config.receipt_key)  # before anything opens: nothing to undo
     engine = DuckDbEngine(config.database)
     release_log = open_audit_log(
         config.release_log, config.audit_log, origin=f"silogate/silo/{config.silo}"

@@ -85,15 +85,12 @@ class DuckDbEngine:
             raise ConfigurationError(f"silo database file not found: {path}", reason="DATA_MISSING")
         self._scratch_dir = Path(tempfile.mkdtemp(prefix="silogate-duckdb-"))
         try:
-            self._db = duckdb.connect(
-                str(path),
-                read_only=True,
-                config={
-                    "memory_limit": memory_limit,
-                    "threads": threads,
-                    "temp_directory": str(self._scratch_dir / "spill"),
-                },
-            )
+            # Settings by SET, not connect(config=...): DuckDB refuses a second in-process
+            # connection to the same file with another configuration (tests read the silo's file).
+            self._db = duckdb.connect(str(path), read_only=True)
+            self._db.execute(f"SET memory_limit = '{memory_limit}'")
+            self._db.execute(f"SET threads = {int(threads)}")
+            self._db.execute(f"SET temp_directory = '{self._scratch_dir / 'spill'}'")
         except duckdb.Error as err:
             shutil.rmtree(self._scratch_dir, ignore_errors=True)
             raise ConfigurationError(

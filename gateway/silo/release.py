@@ -22,7 +22,7 @@ from gateway.query.form import MeasureForm
 from gateway.silo.engine import Engine
 from gateway.silo.sql import compile_release_sql
 
-MECHANISMS: dict[int, MechanismName] = {
+MECHANISMS: dict[query_pb2.Mechanism.ValueType, MechanismName] = {
     query_pb2.MECHANISM_DISCRETE_LAPLACE: "discrete_laplace",
     query_pb2.MECHANISM_DISCRETE_GAUSSIAN: "discrete_gaussian",
 }

@@ -25,7 +25,7 @@ from gateway.query.validate import group_keys, validate_against_policy
 from gateway.server.status import request_facts, rpc_boundary
 from gateway.silo.caps import SiloCaps
 from gateway.silo.engine import Engine
-from gateway.silo.receipt import ReceiptSigner, receipt_to_record
+from gateway.silo.receipt import ReceiptSigner, release_log_entry
 from gateway.silo.release import CheckedMeasure, check_plan, release_measure
 
 
@@ -167,16 +167,8 @@ class SiloServicer(silo_service_pb2_grpc.SiloServiceServicer):
         await asyncio.to_thread(
             self.release_log.append,
             "release",
-            {
-                "request_id": request.request_id,
-                "consumer": request.consumer,
-                "purpose": request.purpose,
-                "policy_version": bundle.version,
-                "query": query.canonical(),
-                "rho": [plan.cost.rho for plan in request.plans],
-                "scales": [plan.components[0].scale for plan in request.plans],
-                "digest": receipt.digest,
-                "receipt": receipt_to_record(receipt),
-            },
+            release_log_entry(
+                receipt, request, policy_version=bundle.version, query=query, releases=releases
+            ),
         )
         return silo_service_pb2.ReleaseResponse(releases=releases, receipt=receipt)
