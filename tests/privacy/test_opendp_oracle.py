@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Any
+from typing import Any, cast
 
 import opendp.prelude as dp
 import polars as pl
@@ -42,6 +42,8 @@ from gateway.privacy.sensitivity import Sensitivity
 from gateway.query.form import Spend
 
 dp.enable_features("contrib")
+# The prelude re-exports the polars extras without declaring them to type checkers.
+PRELUDE: Any = dp
 
 R = 3  # rows per person
 LOWER, UPPER = -4, 10  # clamping bounds of the summed column
@@ -84,12 +86,12 @@ def opendp_query(spend: Spend, parts: int, kind: str) -> Any:
         privacy_unit=dp.unit_of(contributions=R),
         privacy_loss=loss,
         split_evenly_over=parts,
-        margins=[dp.polars.Margin(by=["group"], invariant="keys", max_length=1_000_000)],
+        margins=[PRELUDE.polars.Margin(by=["group"], invariant="keys", max_length=1_000_000)],
     )
     aggregate = (
-        dp.len(signed=True)
+        PRELUDE.len(signed=True)
         if kind == "count"
-        else pl.col("value").fill_null(0).dp.sum(bounds=(LOWER, UPPER))
+        else cast(Any, pl.col("value").fill_null(0)).dp.sum(bounds=(LOWER, UPPER))
     )
     return context.query().group_by("group").agg(aggregate)
 
@@ -141,7 +143,8 @@ def test_scale_accuracy_and_cost_match_opendp_context(
         assert cost == pytest.approx(float(budget), rel=1e-14)
         # OpenDP's conversion of its own query to zCDP is the rho we charge for the part.
         assert plan.rho == budget**2 / 2
-        converted = float(dp.c.make_pureDP_to_zCDP(measurement).map(R))
+        zcdp: Any = dp.c.make_pureDP_to_zCDP(measurement)
+        converted = float(zcdp.map(R))
         assert converted == pytest.approx(float(plan.rho), rel=1e-14)
         # The explained difference: OpenDP spends epsilon e in all; we charge e^2 / (2 parts).
         assert budget * parts == spend.epsilon
