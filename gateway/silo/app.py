@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -67,6 +68,15 @@ async def start_silo(config: SiloConfig) -> SiloProcess:
         engine.close()
         release_log.close()
         raise
+    try:
+        one_row_datasets = await asyncio.to_thread(
+            _prepare_bounding, config, engine, policy.current
+        )
+    except BaseException:
+        engine.close()
+        release_log.close()
+        caps.close()
+        raise
     servicer = SiloServicer(
         config.silo,
         policy,
@@ -75,6 +85,7 @@ async def start_silo(config: SiloConfig) -> SiloProcess:
         config.gateway_identity,
         caps=caps,
         signer=signer,
+        one_row_datasets=one_row_datasets,
     )
     running = await create_server(
         config.listen,
@@ -83,6 +94,8 @@ async def start_silo(config: SiloConfig) -> SiloProcess:
         [SILO_SERVICE],
         reflection_enabled=config.reflection,
     )
+    # Which key signs the receipts from here on: an auditor sees a rotation in the silo's own log.
+    release_log.append("receipt_key_in_use", {"key_id": signer.key_id})
     policy.start_watching(config.policy_reload_seconds)
     release_log.start_checkpoints()
     return SiloProcess(running, servicer)
@@ -98,6 +111,33 @@ def _require_tables(config: SiloConfig, engine: DuckDbEngine, bundle: Bundle) ->
             f"silo '{config.silo}': database {config.database} lacks table(s) {', '.join(missing)}",
             reason="DATA_MISSING",
         )
+
+
+def _prepare_bounding(config: SiloConfig, engine: DuckDbEngine, bundle: Bundle) -> frozenset[str]:
+    """Verify what lets the release SQL skip work; return the datasets with one row per person.
+
+    A dataset declaring ``max_rows_per_person: 1`` whose privacy unit is unique (and never NULL)
+    in its table needs no bounding at all. Every other dataset gets its excess rows (the rows of
+    persons beyond a bound) stored once, so that each query ranks nothing. Both facts stay true
+    while the silo runs: DuckDB holds the lock of the read-only file, so no one can write the
+    table. A reload that changes a dataset's bounds finds no excess rows for the new declaration
+    and computes them in the query.
+    """
+    one_row: set[str] = set()
+    for name, dataset in sorted(bundle.datasets_of_silo(config.silo).items()):
+        if dataset.max_rows_per_person == 1:
+            if engine.is_unique(dataset.table, dataset.privacy_unit):
+                one_row.add(name)
+                continue
+            log.warning(
+                "dataset %s declares one row per person but %s.%s repeats or is NULL; "
+                "its releases bound rows per person",
+                name,
+                dataset.table,
+                dataset.privacy_unit,
+            )
+        engine.prepare_excess_rows(dataset)
+    return frozenset(one_row)
 
 
 def _log_activation(release_log: AuditLog, bundle: Bundle) -> None:

@@ -128,7 +128,7 @@ def release_vectors(
     excess = compile_excess_rows(data)
     db.execute(f"CREATE OR REPLACE TABLE scratch.t AS {excess.sql}", excess.parameters)
     plans = {
-        "bounded": compile_release_sql(measure, data, group_by),
+        "bounded": compile_release_sql(measure, data, group_by),  # excess rows computed inline
         "excess": compile_release_sql(measure, data, group_by, excess_table=("scratch", "t")),
     }
     if one_row:

@@ -1,7 +1,8 @@
 """The silo's SQL compiler: golden SQL, literals only as parameters, quoted identifiers.
 
 Golden cases (input and expected SQL + parameters) live in ``golden/release_sql.yaml``, sqlglot
-style. Refresh them with ``SILOGATE_UPDATE_GOLDEN=1 .venv/bin/pytest tests/silo`` and review the
+style: every measure kind under each bounding plan (excess rows computed in the query, stored at
+start-up, one row per person). Refresh them with ``SILOGATE_UPDATE_GOLDEN=1 .venv/bin/pytest tests/silo`` and review the
 diff. Every golden SQL also runs on a real in-memory DuckDB table, so a golden file can never
 hold SQL that the engine rejects.
 """
@@ -22,8 +23,9 @@ from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
 from gateway.policy.model import Dataset
+from gateway.privacy.sensitivity import components
 from gateway.query.form import FilterForm, LiteralValue, MeasureForm, Spend
-from gateway.silo.sql import CompiledSql, compile_release_sql, quote
+from gateway.silo.sql import CompiledSql, compile_excess_rows, compile_release_sql, quote
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "release_sql.yaml"
 UPDATE_GOLDEN = os.environ.get("SILOGATE_UPDATE_GOLDEN") == "1"
@@ -83,21 +85,35 @@ DATASETS = {
 }
 
 
-def compile_case(case_input: dict[str, Any]) -> CompiledSql:
+PLANS = ("inline", "excess", "one_row")
+
+
+def measure_of(case_input: dict[str, Any]) -> MeasureForm:
     filters = tuple(
         FilterForm(column, op, tuple(literal_from_yaml(v) for v in values))
         for column, op, *values in case_input.get("filters", [])
     )
-    measure = MeasureForm(
+    return MeasureForm(
         id="m",
         dataset="silo." + DATASETS[case_input["dataset"]].table,
         kind=case_input["kind"],
-        column="",
+        column=case_input.get("column", ""),
         filters=filters,
         spend=Spend(epsilon=Fraction(1)),
+        bins=tuple(Decimal(str(edge)) for edge in case_input.get("bins", [])),
     )
+
+
+def compile_case(case_input: dict[str, Any]) -> CompiledSql:
+    dataset = DATASETS[case_input["dataset"]]
+    plan = case_input.get("plan", "inline")
+    assert plan in PLANS
     return compile_release_sql(
-        measure, DATASETS[case_input["dataset"]], tuple(case_input.get("group_by", []))
+        measure_of(case_input),
+        dataset,
+        tuple(case_input.get("group_by", [])),
+        one_row_per_person=plan == "one_row",
+        excess_table=("scratch", dataset.table) if plan == "excess" else None,
     )
 
 
@@ -108,7 +124,18 @@ def duckdb_with_empty_tables() -> duckdb.DuckDBPyConnection:
             f"{quote(name)} {SQL_TYPES[column.type]}" for name, column in dataset.columns.items()
         ]
         db.execute(f"CREATE TABLE {quote(dataset.table)} ({', '.join(columns)})")
+    db.execute("CREATE SCHEMA scratch")
     return db
+
+
+def store_excess_rows(db: duckdb.DuckDBPyConnection) -> None:
+    """What the silo does at start-up for the excess plan."""
+    for dataset in DATASETS.values():
+        excess = compile_excess_rows(dataset)
+        db.execute(
+            f"CREATE OR REPLACE TABLE scratch.{quote(dataset.table)} AS {excess.sql}",
+            excess.parameters,
+        )
 
 
 def rewrite_expected(name: str, expected: dict[str, Any]) -> None:
@@ -141,16 +168,30 @@ def test_compiled_sql_matches_golden_file(case: dict[str, Any]) -> None:
 @pytest.mark.parametrize("case", GOLDEN_DOC["cases"], ids=lambda case: case["name"])
 def test_golden_sql_runs_on_duckdb(case: dict[str, Any]) -> None:
     compiled = compile_case(case["input"])
-    rows = duckdb_with_empty_tables().execute(compiled.sql, compiled.parameters).fetchall()
-    group_by = case["input"].get("group_by", [])
-    # An empty table: no groups, or the one global row counting zero.
-    assert rows == ([] if group_by else [(0,)])
+    db = duckdb_with_empty_tables()
+    store_excess_rows(db)
+    rows = db.execute(compiled.sql, compiled.parameters).fetchall()
+    case_input = case["input"]
+    width = len(
+        components(
+            DATASETS[case_input["dataset"]],
+            measure_of(case_input),
+            tuple(case_input.get("group_by", [])),
+        )
+    )
+    # An empty table: no groups (or bins), or the one global row of zeros.
+    grouped = bool(case_input.get("group_by")) or case_input["kind"] == "histogram"
+    assert rows == ([] if grouped else [(0,) * width])
 
 
-def test_golden_cases_cover_every_operator_and_both_measures() -> None:
+def test_golden_cases_cover_every_operator_measure_and_plan() -> None:
     ops = {f[1] for case in GOLDEN_DOC["cases"] for f in case["input"].get("filters", [])}
     assert ops == {"=", "!=", "<", "<=", ">", ">=", "in", "between", "is null"}
-    assert {case["input"]["kind"] for case in GOLDEN_DOC["cases"]} == {"count", "count_persons"}
+    covered = {
+        (case["input"]["kind"], case["input"].get("plan", "inline")) for case in GOLDEN_DOC["cases"]
+    }
+    kinds = ("count", "count_persons", "sum", "mean", "histogram")
+    assert covered == {(kind, plan) for kind in kinds for plan in PLANS}
 
 
 def test_identifiers_are_quoted() -> None:
@@ -170,10 +211,16 @@ def test_identifiers_are_quoted() -> None:
     assert quote("select") == '"select"'
 
 
-def test_row_bound_is_a_parameter_not_text() -> None:
+def test_bounds_and_bin_edges_are_parameters_not_text() -> None:
     compiled = compile_case({"dataset": "activities", "kind": "count"})
-    assert compiled.parameters == (20,)
+    # Persons beyond 20 rows or 3 category tuples; rows ranked 20 or less in tuples ranked 3 or less.
+    assert compiled.parameters == (20, 3, 20, 3)
     assert "20" not in compiled.sql
+    histogram = compile_case(
+        {"dataset": "activities", "kind": "histogram", "column": "hours", "bins": ["0.25", "7.75"]}
+    )
+    assert Decimal("0.25") in histogram.parameters and Decimal("7.75") in histogram.parameters
+    assert "0.25" not in histogram.sql and "7.75" not in histogram.sql
 
 
 # --- request strings never reach the SQL text -----------------------------------------------------
@@ -203,20 +250,27 @@ NASTY = st.one_of(
 @given(
     strings=st.lists(NASTY, min_size=1, max_size=4),
     op=st.sampled_from(["=", "!=", "<", ">=", "in", "between"]),
-    kind=st.sampled_from(["count", "count_persons"]),
+    kind=st.sampled_from(["count", "count_persons", "sum", "mean", "histogram"]),
+    plan=st.sampled_from(PLANS),
 )
 def test_string_literals_only_ever_become_parameters(
-    strings: list[str], op: str, kind: str
+    strings: list[str], op: str, kind: str, plan: str
 ) -> None:
     values = strings[:2] if op == "between" else strings if op == "in" else strings[:1]
     if op == "between" and len(values) < 2:
         values = [*values, *values]
-    case = {"dataset": "residents", "kind": kind, "group_by": ["community"]}
+    case = {"dataset": "residents", "kind": kind, "group_by": ["community"], "plan": plan}
+    if kind not in {"count", "count_persons"}:
+        case["column"] = "birth_year"
     compiled = compile_case({**case, "filters": [["sex", op, *values]]})
     # The SQL text is the same as for harmless literals: it depends on the query's shape only.
     harmless = compile_case({**case, "filters": [["sex", op, *(["x"] * len(values))]]})
     assert compiled.sql == harmless.sql
-    assert compiled.parameters == (*values, 1)
+    # Each value is bound wherever the filter applies (the table and the excess rows).
+    substituted = iter(values * (len(compiled.parameters) // len(values)))
+    assert compiled.parameters == tuple(
+        next(substituted) if p == "x" else p for p in harmless.parameters
+    )
     # The compiled text holds no string quote and no statement separator at all, so no literal
     # holding one can be in it.
     assert "'" not in compiled.sql
