@@ -72,6 +72,7 @@ def run(people: int) -> None:
                         database=root / "data" / f"{name}.duckdb",
                         release_log=root / f"silo-{name}",
                         gateway_identity=GATEWAY_IDENTITY,
+                        receipt_key=pki.receipt_keys(name).private,
                         policy_reload_seconds=0,
                     )
                 )
@@ -87,7 +88,10 @@ def run(people: int) -> None:
                     ledger=root / "ledger.sqlite",
                     audit=root / "audit",
                     silos={
-                        n: SiloEndpoint(address=f"127.0.0.1:{s.port}") for n, s in silos.items()
+                        n: SiloEndpoint(
+                            address=f"127.0.0.1:{s.port}", receipt_key=pki.receipt_keys(n).public
+                        )
+                        for n, s in silos.items()
                     },
                     policy_reload_seconds=0,
                 )

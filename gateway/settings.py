@@ -117,6 +117,15 @@ class GatewayConfig(_Config):
     audit_log: AuditLogSettings = AuditLogSettings()
 
 
+class EngineSettings(_Config):
+    """Resources of the silo's embedded DuckDB (the release SQL spills to disk beyond them)."""
+
+    memory_limit: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?\s*(KB|MB|GB|KiB|MiB|GiB)$")] = (
+        "512MB"
+    )
+    threads: Annotated[int, Field(ge=1, le=256)] = 2
+
+
 class SiloConfig(_Config):
     silo: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_\-]*$")]
     listen: Address = "127.0.0.1:0"
@@ -137,6 +146,7 @@ class SiloConfig(_Config):
     caps_ledger: Path | None = None
     # Time zone of the caps' calendar periods (day, month, ...).
     time_zone: str = "UTC"
+    engine: EngineSettings = EngineSettings()
 
     @property
     def caps_ledger_path(self) -> Path:

@@ -1,6 +1,6 @@
 """A silo that misbehaves on purpose: a real gRPC server (mutual TLS, the silo's own certificate,
 port 0) whose Release answers however a test tells it to: refuse, hang, return garbage, or a
-well-formed release of made-up numbers for an ungrouped query."""
+well-formed, signed release of made-up numbers for an ungrouped query."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from gateway.api.v1 import query_pb2, silo_service_pb2, silo_service_pb2_grpc
+from gateway.api.v1 import silo_service_pb2, silo_service_pb2_grpc
 from gateway.crypto.channels import server_credentials
 from gateway.crypto.dev_ca import DevPki
 from gateway.server.runtime import RunningServer, create_server
-from gateway.silo.receipt import release_digest
+from gateway.silo.receipt import ReceiptSigner, request_query, request_rho
 
 Behaviour = Callable[
     [silo_service_pb2.ReleaseRequest, grpc.aio.ServicerContext],
@@ -22,33 +22,38 @@ Behaviour = Callable[
 SERVICE = silo_service_pb2.DESCRIPTOR.services_by_name["SiloService"].full_name
 
 
+# The receipt keys of the session's silos, registered when a fake silo starts.
+_SIGNERS: dict[str, ReceiptSigner] = {}
+
+
 def well_formed(
     silo: str, request: silo_service_pb2.ReleaseRequest
 ) -> silo_service_pb2.ReleaseResponse:
-    """A release that passes the gateway's checks, for a query without group-by."""
+    """A release that passes the gateway's checks, for a query without group-by: 100 for every
+    value, signed with ``silo``'s receipt key."""
     releases = [
         silo_service_pb2.MeasureRelease(
             measure_id=plan.measure.id,
-            scale=plan.scale,
-            groups=[
-                query_pb2.GroupResult(
-                    keys=[],
-                    values=[
-                        query_pb2.MeasureValue(measure_id=plan.measure.id, value=100.0, error95=3.0)
-                    ],
+            components=[
+                silo_service_pb2.ComponentRelease(
+                    name=c.name, values=[100], mechanism=c.mechanism, scale=c.scale
                 )
+                for c in plan.components
             ],
         )
         for plan in request.plans
     ]
-    return silo_service_pb2.ReleaseResponse(
+    query = request_query(request)
+    receipt = _SIGNERS[silo].sign(
+        silo=silo,
+        request_id=request.request_id,
+        query_digest=query.digest,
+        datasets=list(query.datasets),
+        rho=request_rho(request),
         releases=releases,
-        receipt=silo_service_pb2.ReleaseReceipt(
-            silo=silo,
-            digest=release_digest(request.request_id, request.consumer, releases),
-            released_at="2026-01-01T00:00:00.000+00:00",
-        ),
+        released_at="2026-01-01T00:00:00.000+00:00",
     )
+    return silo_service_pb2.ReleaseResponse(releases=releases, receipt=receipt)
 
 
 class FakeSilo(silo_service_pb2_grpc.SiloServiceServicer):
@@ -67,6 +72,8 @@ class FakeSilo(silo_service_pb2_grpc.SiloServiceServicer):
 async def start_fake_silo(
     pki: DevPki, silo: str, behaviour: Behaviour
 ) -> tuple[FakeSilo, RunningServer]:
+    for name, keys in pki.receipt_key_paths.items():
+        _SIGNERS.setdefault(name, ReceiptSigner.load(keys.private))
     servicer = FakeSilo(silo, behaviour)
     running = await create_server(
         "127.0.0.1:0",

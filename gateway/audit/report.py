@@ -197,9 +197,7 @@ class PopulationMap:
             dataset = bundle.datasets.get(dataset_name)
             if dataset is None or target == 0 or kind not in MEASURE_KIND_NUMBERS:
                 return None
-            measure = MeasureForm(
-                "m", dataset_name, kind, column, (), Spend(target_error=target)
-            )
+            measure = MeasureForm("m", dataset_name, kind, column, (), Spend(target_error=target))
             try:
                 return sum(
                     (

@@ -21,6 +21,7 @@ from decimal import Decimal
 
 from gateway.api.v1 import query_pb2, silo_service_pb2
 from gateway.policy.model import Bundle
+from gateway.privacy.noise import error95
 from gateway.server.planning import MeasurePlanning, QueryPlan
 
 
@@ -50,6 +51,23 @@ def _cell(
     )
 
 
+def _errors(
+    planning: MeasurePlanning, release: silo_service_pb2.MeasureRelease
+) -> dict[str, float]:
+    """Each component's 95% error in the measure's unit, at the scale the silo actually used (the
+    gateway accepts more noise than planned, never less)."""
+    used = {c.name: c.scale for c in release.components}
+    errors = {}
+    for c in planning.components:
+        scale = used.get(c.name, c.noise.scale)
+        errors[c.name] = (
+            c.error95
+            if scale == c.noise.scale
+            else error95(c.noise.mechanism, scale) * float(c.unit)
+        )
+    return errors
+
+
 def _measure_values(
     planning: MeasurePlanning,
     release: silo_service_pb2.MeasureRelease,
@@ -59,13 +77,14 @@ def _measure_values(
     """The values of one measure for each of the ``n_keys`` groups, in key order."""
     measure = planning.measure
     released = {c.name: list(c.values) for c in release.components}
+    errors = _errors(planning, release)
     out: list[list[query_pb2.MeasureValue]] = [[] for _ in range(n_keys)]
     minimum = planning.min_group_size
     if measure.kind == "mean":
         sums, counts = released["sum"], released["count"]
         parts = {c.name: c for c in planning.components}
         unit = float(parts["sum"].unit)
-        e_sum, e_count = parts["sum"].error95, parts["count"].error95
+        e_sum, e_count = errors["sum"], errors["count"]
         column = bundle.datasets[measure.dataset].columns[measure.column]
         assert column.bounds is not None
         low, high = float(column.bounds[0]), float(column.bounds[1])
@@ -96,7 +115,7 @@ def _measure_values(
     for k in range(n_keys):
         v = values[k]
         out[k].append(
-            _cell(measure.id, v * unit, component.error95, suppressed=counted and v < minimum)
+            _cell(measure.id, v * unit, errors[component.name], suppressed=counted and v < minimum)
         )
     return out
 

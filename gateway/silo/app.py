@@ -44,7 +44,9 @@ async def start_silo(config: SiloConfig) -> SiloProcess:
     """Open the database, load the policy (its tables must exist), then listen."""
     credentials = server_credentials(config.tls.files())
     signer = ReceiptSigner.load(config.receipt_key)  # before anything opens: nothing to undo
-    engine = DuckDbEngine(config.database)
+    engine = DuckDbEngine(
+        config.database, memory_limit=config.engine.memory_limit, threads=config.engine.threads
+    )
     release_log = open_audit_log(
         config.release_log, config.audit_log, origin=f"silogate/silo/{config.silo}"
     )
@@ -69,8 +71,13 @@ async def start_silo(config: SiloConfig) -> SiloProcess:
         release_log.close()
         raise
     try:
-        one_row_datasets = await asyncio.to_thread(
-            _prepare_bounding, config, engine, policy.current
+        bundle = policy.current
+        one_row_datasets = await asyncio.to_thread(_prepare_bounding, config, engine, bundle)
+        # Uniqueness is a fact about (table, person column): a reload that points a dataset
+        # elsewhere does not inherit it.
+        one_row_tables = frozenset(
+            (bundle.datasets[name].table, bundle.datasets[name].privacy_unit)
+            for name in one_row_datasets
         )
     except BaseException:
         engine.close()
@@ -85,7 +92,7 @@ async def start_silo(config: SiloConfig) -> SiloProcess:
         config.gateway_identity,
         caps=caps,
         signer=signer,
-        one_row_datasets=one_row_datasets,
+        one_row_tables=one_row_tables,
     )
     running = await create_server(
         config.listen,

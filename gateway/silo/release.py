@@ -156,7 +156,14 @@ async def release_measure(
 ) -> silo_service_pb2.MeasureRelease:
     """Run the bounded SQL, then add each component's noise; nothing exact is returned."""
     compiled = compile_release_sql(
-        checked.measure, checked.dataset, group_by, one_row_per_person=one_row_per_person
+        checked.measure,
+        checked.dataset,
+        group_by,
+        one_row_per_person=one_row_per_person,
+        # Rows beyond the bounds, stored at start-up for exactly this declaration (None after a
+        # reload changed it: then computed in the query, slower but the same rows).
+        excess_table=engine.excess_rows(checked.dataset),
+        dialect=engine.dialect,
     )
     rows = await engine.fetch(compiled)
     vectors = exact_vectors(

@@ -38,7 +38,7 @@ class SiloServicer(silo_service_pb2_grpc.SiloServiceServicer):
         release_log: AuditLog,
         gateway_identity: str,
         *,
-        one_row_datasets: frozenset[str] = frozenset(),
+        one_row_tables: frozenset[tuple[str, str]] = frozenset(),
         caps: SiloCaps,
         signer: ReceiptSigner,
     ) -> None:
@@ -49,9 +49,9 @@ class SiloServicer(silo_service_pb2_grpc.SiloServiceServicer):
         self.engine = engine
         self.release_log = release_log
         self.gateway_identity = gateway_identity
-        # Datasets whose privacy unit this silo verified unique at start-up: released without
+        # (table, person column) pairs this silo verified unique at start-up: released without
         # per-person bounding (see gateway.silo.sql).
-        self.one_row_datasets = one_row_datasets
+        self.one_row_tables = one_row_tables
         self.caps = caps
         self.signer = signer
 
@@ -148,7 +148,8 @@ class SiloServicer(silo_service_pb2_grpc.SiloServiceServicer):
                 self.engine,
                 query.group_by,
                 keys,
-                one_row_per_person=measure.measure.dataset in self.one_row_datasets,
+                one_row_per_person=(measure.dataset.table, measure.dataset.privacy_unit)
+                in self.one_row_tables,
             )
             for measure in checked
         ]

@@ -177,7 +177,9 @@ def test_changed_query_fields_are_each_named(
 
     def change(record: dict[str, Any]) -> None:
         record["consumer"] = "civil-affairs"
-        record["scales"] = [record["scales"][0] * 2]
+        record["scales"] = {
+            measure: [scale * 2 for scale in scales] for measure, scales in record["scales"].items()
+        }
         record["query"]["measures"][0]["filters"] = [
             {"column": "category", "op": "=", "values": ["noise"]}
         ]

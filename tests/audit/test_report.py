@@ -30,6 +30,7 @@ from gateway.audit.report import PALETTE, AuditSummary, PopulationMap, summarise
 from gateway.audit.store import iter_records
 from gateway.cli import main
 from gateway.privacy.noise import plan_noise
+from gateway.privacy.sensitivity import Sensitivity
 from gateway.query.form import Spend
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -38,7 +39,7 @@ PAYLOADS = (XSS_REQUEST_ID, XSS_PURPOSE, XSS_RELEASED_ID)
 
 def _target_rho(error: int) -> Fraction:
     # Both target-error datasets count one row per person: sensitivity 1.
-    return plan_noise(1, Spend(target_error=Fraction(error))).rho
+    return plan_noise(Sensitivity(1, 1), Spend(target_error=Fraction(error))).rho
 
 
 @pytest.fixture(scope="module")
@@ -179,10 +180,9 @@ def test_without_a_bundle_populations_are_not_guessed(
     assert summary.population_spend == {}
     section = _section(out.read_text(encoding="utf-8"), "budget-populations")
     assert "--policy DIR" in section and "<polyline" not in section
-    # Per dataset, an even split of the target-error query would be wrong: it is not made up
-    # from the spends alone, so the two measures share the recorded total.
-    shared = (_target_rho(20) + _target_rho(40)) / 2
-    assert summary.datasets["org.members"].rho == Fraction(1, 8) + shared + Fraction(
+    # Per dataset, each target-error measure costs what the gateway recorded for its noise
+    # components, not an even split of the query's total.
+    assert summary.datasets["org.members"].rho == Fraction(1, 8) + _target_rho(40) + Fraction(
         1, 32
     ) + Fraction(1, 8)
 

@@ -53,7 +53,7 @@ def test_silos_have_the_same_settings(tmp_path: Path) -> None:
     config_file = tmp_path / "silo.yaml"
     config_file.write_text(
         "silo: civil\ntls: {ca: a, cert: b, key: c}\npolicy: p\ndatabase: d\n"
-        "release_log: log\ngateway_identity: spiffe://x\n"
+        "release_log: log\ngateway_identity: spiffe://x\nreceipt_key: r.key\n"
         "audit_log: {signing_key: silo.pem, segment_max_seconds: 3600}\n"
     )
     settings = load_config(config_file, SiloConfig).audit_log

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from gateway.policy.model import BudgetSpec
 from gateway.privacy.noise import measurement, plan_noise, satisfies
+from gateway.privacy.sensitivity import Sensitivity
 from gateway.query.form import Spend
 
 
@@ -64,11 +65,11 @@ def test_an_epsilon_spend_is_charged_exactly_and_its_noise_costs_no_more(
 ) -> None:
     """The amounts a request may carry (the query form accepts [0.000001, 1000])."""
     exact = Fraction(epsilon)
-    plan = plan_noise(sensitivity, Spend(epsilon=exact))
+    plan = plan_noise(Sensitivity(sensitivity, sensitivity**2), Spend(epsilon=exact))
     assert type(plan.rho) is Fraction
     assert plan.rho == exact_half_square(epsilon)
     # The silo's check of the plan passes at the charged cost ...
-    assert satisfies(plan.mechanism, plan.scale, sensitivity, plan.rho)
+    assert satisfies(plan.mechanism, plan.scale, Sensitivity(sensitivity, sensitivity**2), plan.rho)
     # ... and the noise is at least the exact scale sensitivity / epsilon, so OpenDP's (rounded
     # up) privacy loss for it is at most the charged epsilon, hence at most the charged rho.
     assert Fraction(plan.scale) >= Fraction(sensitivity) / exact

@@ -88,8 +88,12 @@ def test_file_names_follow_the_roles(pki: DevPki) -> None:
         "gateway.pem",
         "silo-civil.key",
         "silo-civil.pem",
+        "silo-civil.receipt.key",  # Ed25519: the silo signs its release receipts with it
+        "silo-civil.receipt.pub",
         "silo-org.key",
         "silo-org.pem",
+        "silo-org.receipt.key",
+        "silo-org.receipt.pub",
     ]
 
 
@@ -152,7 +156,7 @@ def test_leaf_certificate_carries_identity_usages_and_hosts(
 def test_private_keys_are_readable_by_the_owner_only(pki: DevPki) -> None:
     keys = sorted(pki.directory.glob("*.key"))
 
-    assert len(keys) == 6
+    assert len(keys) == 8  # CA, two consumers, gateway, two silos: TLS; two silos: receipts
     assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in keys} == {
         path.name: 0o600 for path in keys
     }

@@ -47,7 +47,7 @@ def test_demo_runs_end_to_end_and_stops_every_process(tmp_path: Path) -> None:
     civil_log = list(iter_records(tmp_path / "state" / "silo-civil"))
     assert sum(r["kind"] == "release" for r in civil_log) == 2  # civil affairs' silo asked twice
     audit = list(iter_records(tmp_path / "state" / "gateway" / "audit"))
-    assert sum(r.get("decision") == "released" for r in audit) == 3
+    assert sum(r.get("decision") == "released" for r in audit) == 4
     assert sum(r.get("decision") == "denied" for r in audit) == 1
     # Both kinds of log were closed with a signed checkpoint that covers every record.
     for log, key in (("gateway/audit", "gateway-audit"), ("silo-civil", "silo-audit")):

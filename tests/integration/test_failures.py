@@ -74,6 +74,7 @@ def _silo_config(tmp_path: Path, system, **changes: object) -> Path:
         "database": str(system.data / "civil.duckdb"),
         "release_log": str(tmp_path / "release-log"),
         "gateway_identity": GATEWAY_IDENTITY,
+        "receipt_key": str(system.pki.receipt_keys("civil").private),
     }
     content.update(changes)
     return _write_config(tmp_path / "silo.yaml", content)

@@ -123,11 +123,11 @@ def _wrong_measures(
     return response
 
 
-def _not_finite(
+def _under_noised(
     silo: str, request: silo_service_pb2.ReleaseRequest
 ) -> silo_service_pb2.ReleaseResponse:
     response = well_formed(silo, request)
-    response.releases[0].groups[0].values[0].value = float("nan")
+    response.releases[0].components[0].scale /= 2
     return response
 
 
@@ -141,7 +141,7 @@ def _extra_group(
     silo: str, request: silo_service_pb2.ReleaseRequest
 ) -> silo_service_pb2.ReleaseResponse:
     response = well_formed(silo, request)
-    response.releases[0].groups.add().CopyFrom(response.releases[0].groups[0])
+    response.releases[0].components[0].values.append(7)
     return response
 
 
@@ -149,7 +149,7 @@ def _tampered(
     silo: str, request: silo_service_pb2.ReleaseRequest
 ) -> silo_service_pb2.ReleaseResponse:
     response = well_formed(silo, request)
-    response.releases[0].groups[0].values[0].value = 99.0  # after the receipt was computed
+    response.releases[0].components[0].values[0] = 99  # after the receipt was signed
     return response
 
 
@@ -157,10 +157,10 @@ def _tampered(
     ("garbage", "problem"),
     [
         (_wrong_measures, "released measures"),
-        (_not_finite, "not finite"),
-        (_other_silo, "receipt names another silo"),
-        (_extra_group, "groups, expected 1"),
-        (_tampered, "digest does not match"),
+        (_under_noised, "scale below the planned"),
+        (_other_silo, "another silo"),
+        (_extra_group, "has 2 values, expected 1"),
+        (_tampered, "values digest"),
     ],
 )
 def test_garbage_from_a_silo_is_a_failure_that_stays_charged(
@@ -246,7 +246,7 @@ def test_the_client_does_not_retry_a_failure_that_spent_budget(system, with_org)
     async def garbage(
         request: silo_service_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> silo_service_pb2.ReleaseResponse:
-        return _not_finite("org", request)
+        return _under_noised("org", request)
 
     setup = with_org(garbage)
     tls = system.pki.consumer("civil-affairs")

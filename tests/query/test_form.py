@@ -20,6 +20,7 @@ from gateway.api.v1 import query_pb2
 from gateway.client.client import count, where
 from gateway.errors import FieldViolation, InvalidQuery
 from gateway.privacy.noise import plan_noise
+from gateway.privacy.sensitivity import Sensitivity
 from gateway.query.form import FILTER_OP_NUMBERS, QueryForm, parse_query
 
 
@@ -185,7 +186,7 @@ def test_an_accepted_amount_can_be_planned(which: str) -> None:
     except InvalidQuery as err:
         assert [v.field for v in err.violations] == [f"query.measures[0].spend.{which}"]
         return
-    plan = plan_noise(1, form.measures[0].spend)
+    plan = plan_noise(Sensitivity(1, 1), form.measures[0].spend)
     assert plan.scale > 0
     assert plan.rho > 0
 

@@ -36,7 +36,12 @@ def test_concurrent_queries_never_overspend(data_dir: Path, pki, tmp_path: Path)
                 policy=bundle,
                 ledger=tmp_path / "ledger.sqlite",
                 audit=tmp_path / "audit",
-                silos={n: SiloEndpoint(address=f"127.0.0.1:{s.port}") for n, s in silos.items()},
+                silos={
+                    n: SiloEndpoint(
+                        address=f"127.0.0.1:{s.port}", receipt_key=pki.receipt_keys(n).public
+                    )
+                    for n, s in silos.items()
+                },
                 # The race needs all 32 threads in flight at once, beyond the default 8 per
                 # consumer (TOO_MANY_REQUESTS would hide an overspend instead of racing it).
                 limits=GatewayLimits(max_in_flight_per_consumer=32),

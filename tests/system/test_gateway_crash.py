@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 from small_budgets import COST, bundle_with_small_budgets
-from support import BackgroundLoop, start_silos, tls_config
+from support import BackgroundLoop, silo_endpoints, start_silos, tls_config
 
 from gateway.budget.ledger import PrivacyLedger
 from gateway.client import ClientError, SilogateClient, count
@@ -64,7 +64,7 @@ def test_sigkill_under_load_never_undercharges(data_dir: Path, pki, tmp_path: Pa
                 "policy": str(bundle),
                 "ledger": str(ledger_path),
                 "audit": str(tmp_path / "state" / "audit"),
-                "silos": {n: {"address": f"127.0.0.1:{s.port}"} for n, s in silos.items()},
+                "silos": silo_endpoints(pki, {n: f"127.0.0.1:{s.port}" for n, s in silos.items()}),
             },
             handle,
         )
