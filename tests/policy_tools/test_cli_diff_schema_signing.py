@@ -67,7 +67,8 @@ def test_diff_lists_access_budget_and_declaration_changes(
         "  civil-affairs / org.members:",
         "    - group-by: sex",
         "  health-commission / civil.subsidies: now allowed",
-        "    + purposes: home-care-planning; measures: count; group-by: community; filter: -",
+        "    + purposes: home-care-planning; measures: count, histogram, mean, sum; group-by: "
+        "community; filter: -",
         "budgets and limits:",
         "  rule 'org-activity-hours': budget: epsilon 2 per month -> epsilon 3 per month",
         "  rule 'org-activity-hours': max_epsilon_per_query: 0.5 -> 0.8",
@@ -111,11 +112,11 @@ def test_diff_shows_added_rules_consumers_and_datasets(
 
 def test_access_applies_forbids_per_purpose_and_measure(demo_bundle: Bundle) -> None:
     members = access(demo_bundle, "civil-affairs", "org.members")
-    assert members.measures == {"count", "count_persons"}
+    assert members.measures == {"count", "count_persons", "mean", "histogram"}
     assert "branch" not in members.group_by and "education" not in members.filterable
     assert access(demo_bundle, "org-department", "health.chronic").measures == frozenset()
     hours = access(demo_bundle, "org-department", "org.activities")
-    assert hours.measures == {"count", "count_persons", "sum"}
+    assert hours.measures == {"count", "count_persons", "sum", "mean"}
 
 
 def test_diff_of_an_invalid_bundle_fails(bundle_copy: Path, edit: Edit, cli: Any) -> None:

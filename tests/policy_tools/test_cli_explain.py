@@ -84,7 +84,9 @@ def test_cap_checked_by_the_planner_is_explained(
     assert "  reason: measure 'm' would spend more than rule 'civil-elderly-care' allows" in run.out
 
 
-def test_allowed_sum_has_no_cost_yet(cli: Any, query_file: Callable[[str], Path]) -> None:
+def test_allowed_sum_is_priced_from_its_bounds(
+    cli: Any, query_file: Callable[[str], Path]
+) -> None:
     path = query_file(
         "consumer: org-department\npurpose: volunteer-planning\ngroup_by: [branch]\n"
         "measures:\n  - {id: hours, dataset: org.activities, kind: sum, column: hours,"
@@ -96,10 +98,12 @@ def test_allowed_sum_has_no_cost_yet(cli: Any, query_file: Callable[[str], Path]
     assert "decision: ALLOW\ndeciding rules: org-activity-hours\n" in run.out
     assert "  rule 'org-volunteer-planning' (permit, rules.yaml:" in run.out
     assert "    fail  measure        measure 'sum' is not granted\n" in run.out
-    assert run.out.endswith(
-        "\ncost: not available: MEASURE_NOT_SUPPORTED: measure 'sum' is not supported by this "
-        "release engine yet\n"
-    )
+    # 20 rows per person, hours clamped to [0, 8] in steps of 0.5: sensitivity 20 x 16 units.
+    assert (
+        "  measure 'hours' (sum): silo org, rho 1/8, by rule 'org-activity-hours'"
+        " (min group size 5)\n"
+        "    value: discrete_laplace, sensitivity 320, scale 640, 95% error ±958.9, rho 1/8\n"
+    ) in run.out
 
 
 def test_invalid_query_is_reported_without_a_trace(

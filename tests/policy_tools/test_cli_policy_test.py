@@ -95,21 +95,25 @@ def test_a_wrong_expectation_fails_with_a_diff(
     )
 
 
-def test_cost_of_a_measure_the_engine_cannot_release_is_reported_not_crashed(
-    bundle_copy: Path, edit: Edit, cli: Any
+def test_cost_of_a_measure_that_cannot_be_planned_is_reported_not_crashed(
+    bundle_copy: Path, cli: Any
 ) -> None:
-    cases = bundle_copy / "tests" / "org_department.yaml"
-    edit(
-        cases,
-        "      rules: [org-activity-hours]\n      scopes:",
-        "      rules: [org-activity-hours]\n      cost_rho: 0.125\n      scopes:",
+    (bundle_copy / "tests" / "zz_mean.yaml").write_text(
+        "cases:\n"
+        "  - name: a mean with a target error\n"
+        "    consumer: org-department\n"
+        "    purpose: volunteer-planning\n"
+        "    measures:\n"
+        "      - {dataset: org.activities, kind: mean, column: hours,"
+        " spend: {target_error: \"2\"}}\n"
+        "    expect: {decision: allow, cost_rho: \"1/8\"}\n",
+        encoding="utf-8",
     )
     run = cli("policy", "test", bundle_copy)
     assert run.code == 1
     assert (
         "        - cost_rho: 1/8\n"
-        "        + cost_rho: MEASURE_NOT_SUPPORTED: measure 'sum' is not supported by this "
-        "release engine yet\n"
+        "        + cost_rho: INVALID_QUERY: a target error cannot be split over the 2 noisy values"
     ) in run.out
 
 
