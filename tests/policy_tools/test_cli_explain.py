@@ -84,9 +84,7 @@ def test_cap_checked_by_the_planner_is_explained(
     assert "  reason: measure 'm' would spend more than rule 'civil-elderly-care' allows" in run.out
 
 
-def test_allowed_sum_is_priced_from_its_bounds(
-    cli: Any, query_file: Callable[[str], Path]
-) -> None:
+def test_allowed_sum_is_priced_from_its_bounds(cli: Any, query_file: Callable[[str], Path]) -> None:
     path = query_file(
         "consumer: org-department\npurpose: volunteer-planning\ngroup_by: [branch]\n"
         "measures:\n  - {id: hours, dataset: org.activities, kind: sum, column: hours,"

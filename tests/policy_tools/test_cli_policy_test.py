@@ -105,8 +105,8 @@ def test_cost_of_a_measure_that_cannot_be_planned_is_reported_not_crashed(
         "    purpose: volunteer-planning\n"
         "    measures:\n"
         "      - {dataset: org.activities, kind: mean, column: hours,"
-        " spend: {target_error: \"2\"}}\n"
-        "    expect: {decision: allow, cost_rho: \"1/8\"}\n",
+        ' spend: {target_error: "2"}}\n'
+        '    expect: {decision: allow, cost_rho: "1/8"}\n',
         encoding="utf-8",
     )
     run = cli("policy", "test", bundle_copy)
