@@ -22,6 +22,7 @@ rejects. This module never draws noise outside OpenDP and never charges a float.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -56,6 +57,13 @@ class NoisePlan:
     error95: float
 
 
+# Everything below is a pure function of small hashable arguments, and a workload repeats a few
+# (sensitivity, spend) pairs: caching spares the OpenDP calls (a plan is ~1 ms of them) on every
+# query after the first. The caches are bounded.
+_CACHE = 4096
+
+
+@functools.lru_cache(maxsize=_CACHE)
 def measurement(mechanism: MechanismName, scale: float) -> Any:
     """The OpenDP measurement that adds noise to a vector of (64-bit) integers."""
     domain = dp.vector_domain(dp.atom_domain(T=_INTEGER))
@@ -78,6 +86,7 @@ def distance(mechanism: MechanismName, sensitivity: Sensitivity) -> int | float:
     return sqrt_at_least(sensitivity.l2_squared)
 
 
+@functools.lru_cache(maxsize=_CACHE)
 def error95(mechanism: MechanismName, scale: float) -> float:
     """Half-width that holds each released value's noise with probability 95% (OpenDP)."""
     if mechanism == "discrete_laplace":
@@ -85,6 +94,7 @@ def error95(mechanism: MechanismName, scale: float) -> float:
     return float(dp.discrete_gaussian_scale_to_accuracy(scale, ALPHA))
 
 
+@functools.lru_cache(maxsize=_CACHE)
 def satisfies(
     mechanism: MechanismName, scale: float, sensitivity: Sensitivity, rho: Fraction
 ) -> bool:
@@ -132,6 +142,7 @@ def minimum_scale(mechanism: MechanismName, sensitivity: Sensitivity, rho: Fract
     raise ArithmeticError(f"no minimum scale near {scale} for {sensitivity} at rho {rho}")
 
 
+@functools.lru_cache(maxsize=_CACHE)
 def plan_noise(sensitivity: Sensitivity, spend: Spend) -> NoisePlan:
     """Choose mechanism and scale for a spend; the cost is exact and the plan always
     :func:`satisfies` its own cost."""

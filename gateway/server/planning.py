@@ -125,7 +125,12 @@ def plan_query(bundle: Bundle, decision: Decision, query: QueryForm) -> QueryPla
         )
         rho = sum((c.noise.rho for c in planned), Fraction(0))
         cap = grant.rule.max_epsilon_per_query
-        if cap is not None and rho > Fraction(cap) ** 2 / 2:
+        # In rho, and for an epsilon spend in epsilon too: a mean's two halves cost less rho than
+        # its whole epsilon would alone, but the release is still epsilon-DP at the whole spend.
+        over_epsilon = measure.spend.epsilon is not None and measure.spend.epsilon > Fraction(
+            cap or 0
+        )
+        if cap is not None and (rho > Fraction(cap) ** 2 / 2 or over_epsilon):
             raise PolicyDenied(
                 f"measure '{measure.id}' would spend more than rule '{grant.rule_id}' allows per "
                 f"query (epsilon {cap})",
