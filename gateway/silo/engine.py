@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 import shutil
 import tempfile
 import threading
@@ -105,6 +106,9 @@ class DuckDbEngine:
         self._lock = threading.Lock()
         self._excess: dict[str, tuple[str, str]] = {}
         self._scratch_attached = False
+        # Unique per engine: connections to one file in one process share a DuckDB instance and
+        # its attached databases (tests run several silos on the same file).
+        self._scratch_name = f"{_SCRATCH}_{secrets.token_hex(6)}"
 
     def tables(self) -> set[str]:
         with self._lock:
@@ -148,14 +152,15 @@ class DuckDbEngine:
             if not self._scratch_attached:
                 scratch = str(self._scratch_dir / "excess.duckdb").replace("'", "''")
                 # A path the silo made itself (never from a request); ATTACH takes no parameter.
-                self._db.execute(f"ATTACH '{scratch}' AS {_SCRATCH} (READ_WRITE)")
+                self._db.execute(f"ATTACH '{scratch}' AS {self._scratch_name} (READ_WRITE)")
                 self._scratch_attached = True
             table = f"excess_{key}"
             compiled = compile_excess_rows(dataset, self.dialect)
             self._db.execute(
-                f"CREATE TABLE {_SCRATCH}.{quote(table)} AS {compiled.sql}", compiled.parameters
+                f"CREATE TABLE {self._scratch_name}.{quote(table)} AS {compiled.sql}",
+                compiled.parameters,
             )
-            self._excess[key] = (_SCRATCH, table)
+            self._excess[key] = (self._scratch_name, table)
             return self._excess[key]
 
     def excess_rows(self, dataset: Dataset) -> tuple[str, str] | None:
@@ -176,5 +181,9 @@ class DuckDbEngine:
         return await asyncio.to_thread(self._run, compiled)
 
     def close(self) -> None:
+        with self._lock:
+            if self._scratch_attached:  # the shared instance would keep it attached otherwise
+                self._db.execute(f"DETACH {self._scratch_name}")
+                self._scratch_attached = False
         self._db.close()
         shutil.rmtree(self._scratch_dir, ignore_errors=True)

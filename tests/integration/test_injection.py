@@ -46,7 +46,10 @@ def _snapshot(system) -> dict[str, dict[str, int]]:
         with duckdb.connect(str(system.data / f"{silo}.duckdb"), read_only=True) as db:
             tables = [
                 str(t[0])
-                for t in db.execute("SELECT table_name FROM information_schema.tables").fetchall()
+                for t in db.execute(
+                    "SELECT table_name FROM information_schema.tables "
+                    "WHERE table_catalog = current_database()"
+                ).fetchall()
             ]
             out[silo] = {
                 t: int(db.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0])  # type: ignore[index]
