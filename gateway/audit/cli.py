@@ -231,7 +231,8 @@ def _add_search(commands: Subcommands) -> None:
         action="append",
         default=[],
         help="record kind: query, explain, policy_activated, policy_refused, "
-        "checkpoint_key_rotated, budget_period, release (silo logs)",
+        "checkpoint_key_rotated, keys_in_use, budget_period, release and receipt_key_in_use (silo "
+        "logs)",
     )
     search.add_argument(
         "--policy-version", action="append", default=[], help="a policy version or its prefix"

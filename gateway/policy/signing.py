@@ -90,7 +90,7 @@ def key_id(key: ECC.EccKey) -> str:
     return hashlib.sha256(key.public_key().export_key(format="raw")).hexdigest()[:16]
 
 
-def _read_key(path: Path, *, private: bool) -> ECC.EccKey:
+def read_key(path: Path, *, private: bool) -> ECC.EccKey:
     role = "signing" if private else "verification"
     try:
         key = ECC.import_key(Path(path).read_text(encoding="ascii"))
@@ -127,7 +127,7 @@ def sign_bundle(bundle_dir: Path, private_key_path: Path) -> Path:
     nobody. Each file is replaced atomically, the manifest first.
     """
     root = Path(bundle_dir)
-    key = _read_key(private_key_path, private=True)
+    key = read_key(private_key_path, private=True)
     validated = load_bundle(root)
     manifest = manifest_text(root).encode()
     if hashlib.sha256(manifest).hexdigest() != validated.version:
@@ -158,7 +158,7 @@ def verify_bundle(bundle_dir: Path, public_key_path: Path) -> str:
     """
     root = Path(bundle_dir)
     try:
-        key = _read_key(public_key_path, private=False)
+        key = read_key(public_key_path, private=False)
     except ConfigurationError as err:
         raise _refusal(err.message) from err
     signature_path, manifest_path = root / SIGNATURE_FILE, root / MANIFEST_FILE

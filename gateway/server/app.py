@@ -12,12 +12,14 @@ from gateway.crypto.channels import server_credentials
 from gateway.errors import PolicyInvalid
 from gateway.policy.holder import PolicyHolder
 from gateway.policy.model import Bundle
+from gateway.policy.signing import key_id, read_key
 from gateway.server.budget_periods import BudgetPeriodWatcher, declared_scopes
 from gateway.server.metrics import GatewayMetrics, MetricsEndpoint
 from gateway.server.runtime import RunningServer, create_server
 from gateway.server.servicer import QueryServicer
 from gateway.server.silos import SiloClients
 from gateway.settings import GatewayConfig
+from gateway.silo.receipt import receipt_key_id
 
 QUERY_SERVICE = query_service_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name
 log = logging.getLogger("silogate.gateway")
@@ -66,6 +68,9 @@ async def start_gateway(config: GatewayConfig) -> GatewayProcess:
             config.ledger, ledger, audit, lambda: declared_scopes(policy.current)
         )
         periods.check()
+        # The keys this run trusts, so an auditor sees every rotation in the log itself (the
+        # checkpoint key's rotation is logged by the audit log).
+        audit.append("keys_in_use", _keys_in_use(config, silos))
     except BaseException:
         audit.close()  # frees the log's lock for the next start
         raise
@@ -104,6 +109,19 @@ async def start_gateway(config: GatewayConfig) -> GatewayProcess:
     audit.start_checkpoints()
     periods.start(30.0)
     return GatewayProcess(running, servicer, periods, endpoint)
+
+
+def _keys_in_use(config: GatewayConfig, silos: SiloClients) -> dict[str, object]:
+    return {
+        "silo_receipt_keys": {
+            name: receipt_key_id(key) for name, key in sorted(silos.receipt_keys.items())
+        },
+        "policy_verify_key": (
+            key_id(read_key(config.policy_verify_key, private=False))
+            if config.policy_verify_key is not None
+            else None
+        ),
+    }
 
 
 def _audit_activation(audit: AuditLog, bundle: Bundle) -> None:
