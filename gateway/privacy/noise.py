@@ -61,6 +61,8 @@ class NoisePlan:
 # (sensitivity, spend) pairs: caching spares the OpenDP calls (a plan is ~1 ms of them) on every
 # query after the first. The caches are bounded.
 _CACHE = 4096
+_GAUSSIAN_EXACT_UP_TO = 10_000.0
+_Z_975 = 1.959963984540054  # the standard normal's 97.5% quantile
 
 
 @functools.lru_cache(maxsize=_CACHE)
@@ -91,6 +93,12 @@ def error95(mechanism: MechanismName, scale: float) -> float:
     """Half-width that holds each released value's noise with probability 95% (OpenDP)."""
     if mechanism == "discrete_laplace":
         return float(dp.discrete_laplacian_scale_to_accuracy(scale, ALPHA))
+    if scale > _GAUSSIAN_EXACT_UP_TO:
+        # OpenDP sums the discrete Gaussian's pmf term by term: its time grows with the scale
+        # (0.3 s at 1e6, minutes beyond 1e8), which a caller could ask for with a tiny rho. Far
+        # above 1 the discrete Gaussian's quantiles are the continuous one's to within one step:
+        # one more step keeps the half-width conservative (OpenDP agrees to within 1 up to 1e6).
+        return float(math.ceil(scale * _Z_975) + 1)
     return float(dp.discrete_gaussian_scale_to_accuracy(scale, ALPHA))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+import opendp.prelude as dp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -283,3 +284,15 @@ def test_measurement_is_opendp_on_integer_vectors() -> None:
     assert laplace.map(2) == pytest.approx(1.0)
     gaussian = measurement("discrete_gaussian", 2.0)
     assert gaussian.map(math.sqrt(2)) == pytest.approx(0.25)  # a float L2 distance
+
+
+@pytest.mark.parametrize("scale", [10_000.5, 20_000.0, 123_456.7, 1_000_000.0])
+def test_gaussian_error95_far_above_one_is_the_continuous_bound_and_never_below_opendps(
+    scale: float,
+) -> None:
+    """Above 1e4 the half-width comes from the normal quantile (OpenDP's exact sum would take
+    minutes at the scales a tiny rho asks for); it is at most 2 above OpenDP's, never below."""
+    exact = float(dp.discrete_gaussian_scale_to_accuracy(scale, 0.05))
+    assert exact <= error95("discrete_gaussian", scale) <= exact + 2
+    # A scale a tiny rho asks for: the bound still comes back (OpenDP's sum would not, soon).
+    assert error95("discrete_gaussian", 1e12) == math.ceil(1e12 * 1.959963984540054) + 1
