@@ -199,9 +199,7 @@ class QueryResult:
             ResultRow(
                 keys=dict(zip(response.group_by, g.keys, strict=True)),
                 values={
-                    v.measure_id + (f"[{v.bin}]" if v.bin else ""): ResultValue(
-                        v.value, v.error95, v.suppressed
-                    )
+                    v.measure_id + v.bin: ResultValue(v.value, v.error95, v.suppressed)
                     for v in g.values
                 },
             )
@@ -222,7 +220,8 @@ class QueryResult:
         )
 
     def records(self) -> list[dict[str, Any]]:
-        """Flat dicts: group keys, then ``<measure>``, ``<measure>_error95``, ``<measure>_suppressed``."""
+        """Flat dicts: group keys, then ``<measure>``, ``<measure>_error95``, ``<measure>_suppressed``
+        (a histogram's ``<measure>`` is its id and bin, e.g. ``minutes[0,30)``)."""
         out = []
         for row in self.rows:
             record: dict[str, Any] = dict(row.keys)
