@@ -47,17 +47,13 @@ class Echo(silo_service_pb2_grpc.SiloServiceServicer):
             releases=[
                 silo_service_pb2.MeasureRelease(
                     measure_id=plan.measure.id,
-                    scale=plan.scale,
-                    groups=[
-                        query_pb2.GroupResult(
-                            keys=[district],
-                            values=[
-                                query_pb2.MeasureValue(
-                                    measure_id=plan.measure.id, value=1000.0, error95=3.0
-                                )
-                            ],
+                    components=[
+                        silo_service_pb2.ComponentRelease(
+                            name="value",
+                            values=[1000] * len(DISTRICTS),
+                            mechanism=query_pb2.MECHANISM_DISCRETE_LAPLACE,
+                            scale=2.0,
                         )
-                        for district in DISTRICTS
                     ],
                 )
                 for plan in request.plans
@@ -90,8 +86,11 @@ class Relay(query_service_pb2_grpc.QueryServiceServicer):
         )
         groups = [query_pb2.GroupResult(keys=[d]) for d in DISTRICTS]
         for measure in release.releases:
-            for group, released in zip(groups, measure.groups, strict=True):
-                group.values.extend(released.values)
+            values = measure.components[0].values
+            for group, value in zip(groups, values, strict=True):
+                group.values.append(
+                    query_pb2.MeasureValue(measure_id=measure.measure_id, value=value, error95=3.0)
+                )
         return query_service_pb2.RunQueryResponse(
             request_id=request.request_id, group_by=request.query.group_by, groups=groups
         )

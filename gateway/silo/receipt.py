@@ -140,11 +140,11 @@ def values_digest(releases: Sequence[silo_service_pb2.MeasureRelease]) -> str:
         }
         for release in releases
     ]
-    return hashlib.sha256(jcs.canonicalize(document)).hexdigest()
+    return hashlib.sha256(jcs.canonicalize_record(document)).hexdigest()
 
 
 def _statement(fields: Mapping[str, Any]) -> bytes:
-    return jcs.canonicalize({name: fields[name] for name in STATEMENT_FIELDS})
+    return jcs.canonicalize_record({name: fields[name] for name in STATEMENT_FIELDS})
 
 
 def _statement_of(receipt: silo_service_pb2.ReleaseReceipt) -> bytes:
@@ -260,10 +260,7 @@ def _signature_problem(
 ) -> str | None:
     if digest != hashlib.sha256(statement).hexdigest():
         return "the receipt's digest does not match its statement"
-    keys = {}
-    for key in _keys(public_key):
-        raw = key.public_key().export_key(format="raw")
-        keys[hashlib.sha256(raw).hexdigest()[:_KEY_ID_CHARS]] = raw
+    keys = dict(_raw_key(key) for key in _keys(public_key))
     raw_key = keys.get(key_id)
     if raw_key is None:
         known = ", ".join(sorted(keys)) or "none"
@@ -275,6 +272,23 @@ def _signature_problem(
     except InvalidSignature:
         return "bad signature: it does not verify with the silo's receipt key"
     return None
+
+
+# Exporting a pycryptodome key costs more than verifying a signature: each key object's raw bytes
+# and key id are kept (the object too, so its id is never reused while it is in here).
+_RAW_KEYS: dict[int, tuple[ECC.EccKey, str, bytes]] = {}
+
+
+def _raw_key(key: ECC.EccKey) -> tuple[str, bytes]:
+    """(key id, raw public key) of ``key``."""
+    hit = _RAW_KEYS.get(id(key))
+    if hit is not None and hit[0] is key:
+        return hit[1], hit[2]
+    raw = key.public_key().export_key(format="raw")
+    found = (hashlib.sha256(raw).hexdigest()[:_KEY_ID_CHARS], raw)
+    if len(_RAW_KEYS) < 256:
+        _RAW_KEYS[id(key)] = (key, *found)
+    return found
 
 
 @functools.lru_cache(maxsize=64)
