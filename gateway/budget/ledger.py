@@ -150,6 +150,19 @@ class PrivacyLedger:
         self._tolerance = clock_tolerance
         self._lock = threading.Lock()
         self._db = self._connect(Path(path))
+        # Balances are read on a connection of their own: WAL lets a reader see the last commit
+        # without waiting for the writer's lock, which every reservation holds through its fsync.
+        self._read_lock = threading.Lock()
+        try:
+            self._reader = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=5.0
+            )
+            self._reader.execute("PRAGMA query_only=ON")
+        except sqlite3.Error as err:
+            self._db.close()
+            raise ConfigurationError(
+                f"cannot open the budget ledger {path}: {err}", reason="LEDGER_UNAVAILABLE"
+            ) from err
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
@@ -176,6 +189,8 @@ class PrivacyLedger:
     def close(self) -> None:
         # Under the lock: a transaction still running in a worker thread (a request cancelled at
         # shutdown) finishes before the connection goes.
+        with self._read_lock:
+            self._reader.close()
         with self._lock:
             self._db.close()
 
@@ -464,15 +479,20 @@ class PrivacyLedger:
         """Total, spent and reserved per scope in its current window."""
         now = self._clock()
         out = []
-        with self._lock:
-            self._db.execute("BEGIN DEFERRED")  # one snapshot for every scope
+        with self._read_lock:
             try:
-                for limit in limits:
-                    key, end = self._window_key(limit, now)
-                    spent, reserved = self._balance(self._db, key)
-                    out.append(Balance(limit.scope, key, limit.total, spent, reserved, end))
-            finally:
-                self._db.execute("COMMIT")
+                self._reader.execute("BEGIN DEFERRED")  # one snapshot for every scope
+                try:
+                    for limit in limits:
+                        key, end = self._window_key(limit, now)
+                        spent, reserved = self._balance(self._reader, key)
+                        out.append(Balance(limit.scope, key, limit.total, spent, reserved, end))
+                finally:
+                    self._reader.execute("COMMIT")
+            except sqlite3.Error as err:
+                raise LedgerUnavailable(
+                    f"the budget ledger could not be read ({err})", metadata={"cause": str(err)}
+                ) from err
         return out
 
     def verify(self) -> dict[str, tuple[Fraction, Fraction]]:

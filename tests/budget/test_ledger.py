@@ -414,10 +414,10 @@ def test_balances_of_several_scopes_come_from_one_snapshot(ledger_path: Path) ->
             with contextlib.suppress(LedgerUnavailable):
                 writer.reserve(CONSUMER, "between", "d", query)
 
-    reader._db.set_trace_callback(write_before_the_second_read)
+    reader._reader.set_trace_callback(write_before_the_second_read)
     try:
         found = reader.balances([grant, population])
-        reader._db.set_trace_callback(None)
+        reader._reader.set_trace_callback(None)
         assert len(selects) >= 2
         assert found[0].reserved == found[1].reserved
     finally:
