@@ -6,13 +6,14 @@ codes lives in exactly one place, :mod:`gateway.server.status`. Messages never c
 file-system paths of a server or stack traces.
 
     SilogateError
-    ├── InvalidQuery             INVALID_QUERY, UNKNOWN_DATASET, MEASURE_NOT_SUPPORTED, ... (+ field violations)
+    ├── InvalidQuery             INVALID_QUERY, UNKNOWN_DATASET, ... (+ field violations)
     ├── Unauthenticated          CERTIFICATE_REQUIRED, UNKNOWN_CONSUMER, CALLER_NOT_GATEWAY
     ├── PolicyDenied             POLICY_DENIED, PURPOSE_NOT_ALLOWED, EPSILON_CAP_EXCEEDED
     ├── DeadlineTooShort         DEADLINE_TOO_SHORT (the caller's deadline cannot fit a silo round trip)
     ├── BudgetExhausted          PRIVACY_BUDGET_EXHAUSTED
     ├── TooManyRequests          TOO_MANY_REQUESTS (per-consumer concurrency limit)
-    ├── ReleaseRefused           PLAN_REFUSED, POLICY_VERSION_MISMATCH (a silo refused the plan)
+    ├── ReleaseRefused           PLAN_REFUSED, PLAN_INVALID, NOISE_TOO_SMALL, SILO_CAP_EXHAUSTED,
+    │                            POLICY_VERSION_MISMATCH (a silo refused the plan)
     ├── SiloUnavailable          SILO_UNAVAILABLE, SILO_RESPONSE_INVALID (with whether budget was spent)
     ├── LedgerUnavailable        LEDGER_UNAVAILABLE, LEDGER_CLOCK_BEHIND, RESERVATION_NOT_OPEN,
     │                            LEDGER_INCONSISTENT (all fail closed: no release)

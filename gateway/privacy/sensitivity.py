@@ -128,20 +128,3 @@ def components(
         Component("sum", total.sensitivity, total.unit),
         Component("count", _rows_bound(dataset), one),
     )
-
-
-def l1_sensitivity(dataset: Dataset, kind: str) -> int:
-    """L1 sensitivity of a count or count_persons vector, for callers not yet on :func:`components`.
-
-    Conservative for ``count_persons`` without a group-by (1 is exact there; this returns
-    ``min(R, G)``).
-    """
-    if kind == "count":
-        return _rows_bound(dataset).l1
-    if kind == "count_persons":
-        return _persons_bound(dataset, ("group",)).l1
-    raise InvalidQuery(
-        f"measure '{kind}' is not supported by this release engine yet",
-        reason="MEASURE_NOT_SUPPORTED",
-        metadata={"measure": kind},
-    )

@@ -29,7 +29,6 @@ from gateway.privacy.sensitivity import (
     Sensitivity,
     components,
     histogram_bins,
-    l1_sensitivity,
 )
 from gateway.query.form import FilterForm, MeasureForm, MeasureKind, Spend
 from gateway.silo.sql import compile_excess_rows, compile_release_sql
@@ -348,9 +347,6 @@ def test_sensitivity_values(
     assert components(data, measure_form("histogram", "score", (), ()), ())[0].sensitivity == (
         Sensitivity(count, count * count)
     )
-    # The thin helper kept for callers not yet on components().
-    assert l1_sensitivity(data, "count") == count
-    assert l1_sensitivity(data, "count_persons") == persons_grouped
 
 
 def test_histogram_without_bins_is_refused() -> None:
@@ -360,10 +356,3 @@ def test_histogram_without_bins_is_refused() -> None:
     assert info.value.reason == "INVALID_QUERY"
     assert histogram_bins(data, measure_form("histogram", "score", (), ())) == SCORE_BINS
     assert histogram_bins(data, measure_form("histogram", "score", AMOUNT_BINS, ())) == AMOUNT_BINS
-
-
-@pytest.mark.parametrize("kind", ["sum", "mean", "histogram"])
-def test_l1_helper_refuses_measures_with_several_shapes(kind: str) -> None:
-    with pytest.raises(InvalidQuery) as info:
-        l1_sensitivity(dataset(1), kind)
-    assert info.value.reason == "MEASURE_NOT_SUPPORTED"
