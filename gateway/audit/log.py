@@ -120,6 +120,14 @@ def _jsonable(value: object, size: _Size) -> object:
         return value
     if kind is float:
         return value if math.isfinite(value) else str(value)  # type: ignore[arg-type]
+    # The exact built-in containers first: the ABC checks below cost more than the copy.
+    if kind is dict:
+        return {
+            k if type(k) is str else str(k): _jsonable(v, size)
+            for k, v in value.items()  # type: ignore[attr-defined]
+        }
+    if kind is list or kind is tuple:
+        return [_jsonable(v, size) for v in value]  # type: ignore[attr-defined]
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v, size) for k, v in value.items()}
     if isinstance(value, list | tuple):
