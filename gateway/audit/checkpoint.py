@@ -33,6 +33,7 @@ from Crypto.PublicKey import ECC
 from Crypto.Signature import eddsa
 
 from gateway.audit.merkle import HASH_SIZE
+from gateway.crypto.keys import read_ed25519_key
 from gateway.errors import ConfigurationError
 
 _SIGNATURE_PREFIX = "\u2014 "  # an em dash and a space start every signature line
@@ -163,28 +164,7 @@ def open_checkpoint(note: str, public_key: ECC.EccKey, origin: str | None = None
 
 
 def _read_key(path: Path, role: str) -> ECC.EccKey:
-    try:
-        text = Path(path).read_text(encoding="ascii")
-        key = ECC.import_key(text)
-    except OSError as err:
-        raise ConfigurationError(
-            f"cannot read the {role} key {path}: {err.strerror}",
-            reason="KEY_UNREADABLE",
-            metadata={"path": path},
-        ) from err
-    except (ValueError, IndexError, TypeError, UnicodeDecodeError):
-        raise ConfigurationError(
-            f"the {role} key {path} is not a PEM key",
-            reason="KEY_UNREADABLE",
-            metadata={"path": path},
-        ) from None
-    if key.curve != "Ed25519":
-        raise ConfigurationError(
-            f"the {role} key {path} is not an Ed25519 key",
-            reason="KEY_UNREADABLE",
-            metadata={"path": path},
-        )
-    return key
+    return read_ed25519_key(path, f"the {role} key")
 
 
 def load_signing_key(path: Path) -> ECC.EccKey:

@@ -35,8 +35,7 @@ def bin_labels(edges: Sequence[Decimal]) -> list[str]:
 
 
 def _number(edge: Decimal) -> str:
-    text = format(edge.normalize(), "f")
-    return text
+    return format(edge.normalize(), "f")  # 7.50 -> "7.5", 1E+3 -> "1000"
 
 
 def _cell(
@@ -133,8 +132,3 @@ def merge_releases(
         for group, values in zip(groups, per_key, strict=True):
             group.values.extend(values)
     return groups
-
-
-def expected_lengths(plan: QueryPlan, n_keys: int) -> dict[str, int]:
-    """Integers each measure's components must hold: keys times bins."""
-    return {m.measure.id: n_keys * m.cells_per_key for m in plan.measures}

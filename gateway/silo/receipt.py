@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from gateway.api.v1 import query_pb2, silo_service_pb2
 from gateway.audit import jcs
+from gateway.crypto.keys import read_ed25519_key
 from gateway.errors import ConfigurationError
 from gateway.policy.signing import generate_signing_key
 from gateway.query.form import QueryForm, parse_query
@@ -71,27 +72,7 @@ def receipt_key_id(key: ECC.EccKey) -> str:
 
 
 def _read_key(path: Path, role: str) -> ECC.EccKey:
-    try:
-        key = ECC.import_key(Path(path).read_text(encoding="ascii"))
-    except OSError as err:
-        raise ConfigurationError(
-            f"cannot read the {role} {path}: {err.strerror}",
-            reason="KEY_UNREADABLE",
-            metadata={"path": path},
-        ) from err
-    except (ValueError, IndexError, TypeError, UnicodeDecodeError):
-        raise ConfigurationError(
-            f"the {role} {path} is not a PEM key",
-            reason="KEY_UNREADABLE",
-            metadata={"path": path},
-        ) from None
-    if key.curve != "Ed25519":
-        raise ConfigurationError(
-            f"the {role} {path} is not an Ed25519 key",
-            reason="KEY_UNREADABLE",
-            metadata={"path": path},
-        )
-    return key
+    return read_ed25519_key(path, f"the {role}")
 
 
 def load_receipt_public_key(path: Path) -> ECC.EccKey:
