@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import opendp.prelude as dp
 
+from gateway.api.v1 import query_pb2
 from gateway.errors import InvalidQuery
 from gateway.privacy.conversions import float_at_most, sqrt_at_least
 from gateway.privacy.sensitivity import Sensitivity
@@ -38,6 +39,12 @@ from gateway.query.form import Spend
 dp.enable_features("contrib")
 
 MechanismName = Literal["discrete_laplace", "discrete_gaussian"]
+# The API's numbers for the mechanisms, both ways (plans, releases, answers).
+MECHANISMS: dict[query_pb2.Mechanism.ValueType, MechanismName] = {
+    query_pb2.MECHANISM_DISCRETE_LAPLACE: "discrete_laplace",
+    query_pb2.MECHANISM_DISCRETE_GAUSSIAN: "discrete_gaussian",
+}
+MECHANISM_NUMBERS = {name: number for number, name in MECHANISMS.items()}
 ALPHA = 0.05  # 95% confidence intervals everywhere
 # 64-bit integers: wide enough for the silo's integer sums (OpenDP's `int` is 32-bit).
 _INTEGER = "i64"

@@ -7,12 +7,8 @@ from fractions import Fraction
 from gateway.api.v1 import query_pb2, query_service_pb2
 from gateway.budget.ledger import Balance
 from gateway.privacy.conversions import epsilon_at_delta
+from gateway.privacy.noise import MECHANISM_NUMBERS
 from gateway.server.planning import MeasurePlanning
-
-MECHANISM_NUMBERS = {
-    "discrete_laplace": query_pb2.MECHANISM_DISCRETE_LAPLACE,
-    "discrete_gaussian": query_pb2.MECHANISM_DISCRETE_GAUSSIAN,
-}
 
 
 def privacy_cost(rho: Fraction, delta: Fraction = Fraction(0)) -> query_pb2.PrivacyCost:

@@ -127,10 +127,10 @@ def plan_query(bundle: Bundle, decision: Decision, query: QueryForm) -> QueryPla
         cap = grant.rule.max_epsilon_per_query
         # In rho, and for an epsilon spend in epsilon too: a mean's two halves cost less rho than
         # its whole epsilon would alone, but the release is still epsilon-DP at the whole spend.
-        over_epsilon = measure.spend.epsilon is not None and measure.spend.epsilon > Fraction(
-            cap or 0
-        )
-        if cap is not None and (rho > Fraction(cap) ** 2 / 2 or over_epsilon):
+        if cap is not None and (
+            rho > Fraction(cap) ** 2 / 2
+            or (measure.spend.epsilon is not None and measure.spend.epsilon > Fraction(cap))
+        ):
             raise PolicyDenied(
                 f"measure '{measure.id}' would spend more than rule '{grant.rule_id}' allows per "
                 f"query (epsilon {cap})",

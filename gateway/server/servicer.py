@@ -43,6 +43,7 @@ from gateway.errors import (
 from gateway.policy.decision import Decision, decide, scope_keys
 from gateway.policy.holder import PolicyHolder
 from gateway.policy.model import Bundle
+from gateway.privacy.noise import MECHANISM_NUMBERS
 from gateway.query.form import MEASURE_KIND_NUMBERS, QueryForm, parse_query
 from gateway.query.validate import group_keys, validate_against_policy
 from gateway.server.limits import (
@@ -54,7 +55,6 @@ from gateway.server.limits import (
 )
 from gateway.server.merge import merge_releases
 from gateway.server.messages import (
-    MECHANISM_NUMBERS,
     balance_message,
     measure_plan_message,
     privacy_cost,

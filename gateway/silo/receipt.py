@@ -129,18 +129,7 @@ def _statement(fields: Mapping[str, Any]) -> bytes:
 
 
 def _statement_of(receipt: silo_service_pb2.ReleaseReceipt) -> bytes:
-    return _statement(
-        {
-            "silo": receipt.silo,
-            "released_at": receipt.released_at,
-            "request_id": receipt.request_id,
-            "query_digest": receipt.query_digest,
-            "datasets": list(receipt.datasets),
-            "rho": receipt.rho,
-            "values_digest": receipt.values_digest,
-            "key_id": receipt.key_id,
-        }
-    )
+    return _statement(receipt_to_record(receipt))
 
 
 def rho_text(rho: Fraction) -> str:

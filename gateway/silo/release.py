@@ -13,20 +13,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
-from gateway.api.v1 import query_pb2, silo_service_pb2
+from gateway.api.v1 import silo_service_pb2
 from gateway.errors import ReleaseRefused
 from gateway.policy.model import Dataset
-from gateway.privacy.noise import MechanismName, add_noise, satisfies
+from gateway.privacy.noise import (
+    MECHANISM_NUMBERS,
+    MECHANISMS,
+    MechanismName,
+    add_noise,
+    satisfies,
+)
 from gateway.privacy.sensitivity import Sensitivity, components, histogram_bins
 from gateway.query.form import MeasureForm
 from gateway.silo.engine import Engine
 from gateway.silo.sql import compile_release_sql
 
-MECHANISMS: dict[query_pb2.Mechanism.ValueType, MechanismName] = {
-    query_pb2.MECHANISM_DISCRETE_LAPLACE: "discrete_laplace",
-    query_pb2.MECHANISM_DISCRETE_GAUSSIAN: "discrete_gaussian",
-}
-MECHANISM_NUMBERS = {name: number for number, name in MECHANISMS.items()}
 _MAX_RHO_TEXT = 80  # "p/q" of any sane amount fits; longer text is refused before parsing
 
 
