@@ -1,6 +1,6 @@
 """Audit log: append throughput with durability on, and ``verify`` speed.
 
-Append: records shaped like the gateway's released-query records (about 700 bytes), each
+Append: records shaped like the gateway's released-query records (about 1,800 bytes), each
 durable (``fdatasync``) before ``append`` returns. Measured with one writer (one sync per record:
 nothing to share) and with concurrent writers (group commit: one sync covers every record
 written while the previous sync ran). Baselines in the same run, on the same disk, with the same
@@ -50,10 +50,10 @@ def _receipt(number: int) -> dict[str, object]:
     """A signed receipt of silo "civil" for ``bench-<number>``, as the gateway records it."""
     receipt = RECEIPTS.sign(
         silo="civil",
-        request_id=f"bench-{number}",
+        request_id=f"bench-request-{number:08d}",
         query_digest="cd" * 32,
         datasets=["civil.residents"],
-        rho=Fraction(1, 200),
+        rho=Fraction(1, 20000),
         releases=[],
         released_at="2026-01-01T00:00:00.000+00:00",
     )
@@ -61,23 +61,58 @@ def _receipt(number: int) -> dict[str, object]:
 
 
 def _record(number: int, receipt: dict[str, object] | None = None) -> dict[str, object]:
+    """The fields of a released count query as the gateway records it (servicer.py): plan
+    (``plan_fields``), cost and budget left per scope, values, one silo receipt; about 1,800
+    bytes once ``seq``, ``time`` and ``kind`` are added, the size of a real record."""
+    scopes = (
+        "consumer:civil-affairs/rule:civil-elderly-care/lifetime",
+        "population:city-residents/lifetime",
+    )
     return {
-        "request_id": f"bench-{number}",
+        "request_id": f"bench-request-{number:08d}",
+        "decision": "released",
         "consumer": "civil-affairs",
         "purpose": "elderly-care-planning",
-        "policy_version": "ab" * 32,
-        "rules": ["civil-elderly-care"],
         "query": {
-            "measures": [{"id": "aged", "kind": "count", "dataset": "civil.residents"}],
             "group_by": [],
+            "measures": [
+                {
+                    "column": "",
+                    "dataset": "civil.residents",
+                    "filters": [{"column": "birth_year", "op": "<=", "values": [1952]}],
+                    "id": "aged",
+                    "kind": "count",
+                    "spend": {"epsilon": "1/100"},
+                }
+            ],
             "purpose": "elderly-care-planning",
         },
         "digest": "cd" * 32,
-        "decision": "released",
-        "rho": "1/200",
-        "scales": {"aged": 14.142135623730951},
-        "values": [[[], "aged", 1234.5 + number, False]],
+        "policy_version": "ab" * 32,
+        "rules": ["civil-elderly-care"],
+        "rho": "1/20000",
+        "scales": {"aged": 100.00000000000003},
+        "mechanisms": {"aged": "discrete_laplace"},
+        "components": {
+            "aged": [
+                {
+                    "name": "value",
+                    "mechanism": "discrete_laplace",
+                    "scale": 100.00000000000003,
+                    "rho": "1/20000",
+                }
+            ]
+        },
+        "cost": {scope: {"rho": "1/20000", "epsilon": 0.01, "delta": "0"} for scope in scopes},
         "receipts": [receipt if receipt is not None else _receipt(number)],
+        "values": [[[], "aged", 1234 + number % 1000, False]],
+        "budget_left": {
+            scope: {
+                "rho": f"{999_997 - number}/20000",
+                "epsilon": 9.999984999988751 - number * 1e-9,
+            }
+            for scope in scopes
+        },
     }
 
 
