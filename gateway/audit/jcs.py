@@ -94,6 +94,37 @@ def canonicalize_record(value: object) -> bytes:
     return encoded
 
 
+def plain_number(number: int | float) -> bool:
+    """Whether Python's ``repr`` of ``number`` is already its RFC 8785 form: an integer within
+    2**53, or a finite non-integral double between 1e-4 and 1e16 (shortest round-trip digits,
+    no exponent: Python and ECMAScript write those alike)."""
+    if type(number) is int:
+        return -_EXACT_INT <= number <= _EXACT_INT
+    if type(number) is not float:
+        return False
+    text = repr(number)
+    return "e" not in text and not text.endswith(".0") and text not in ("nan", "inf", "-inf")
+
+
+def plain_key(key: str) -> bool:
+    """Whether sorting ``key`` by code points agrees with RFC 8785's UTF-16 order: true unless it
+    holds a character at or above U+E000 (surrogates included, which have no UTF-8 form)."""
+    return key.isascii() or max(key) < "\ue000"
+
+
+def canonicalize_plain(value: object) -> bytes:
+    """:func:`canonicalize` for a value the caller walked: dicts with :func:`plain_key` string
+    keys, lists, strings, booleans, None and :func:`plain_number` numbers only. For those the C
+    encoder (keys sorted by code point, only ``"``, ``\\`` and control characters escaped, short
+    forms first) writes exactly the RFC 8785 bytes, so no check by parsing is needed. A lone
+    surrogate raises :class:`NotCanonicalizable`, as in :func:`canonicalize`.
+    """
+    try:
+        return _FAST_ENCODER.encode(value).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise NotCanonicalizable(f"string with a lone surrogate at {err.start}") from None
+
+
 def format_number(number: float | int) -> str:
     """An IEEE 754 double as ECMAScript's ``Number.prototype.toString`` writes it (RFC 8785 3.2.2.3)."""
     if isinstance(number, bool):

@@ -94,48 +94,81 @@ class AuditLogOptions:
     checkpoint_every_seconds: float = 60.0
 
 
+class _Waiter:
+    """An append waiting for a sync that covers its record; woken exactly once."""
+
+    __slots__ = ("_ready", "lead", "target")
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.lead = False
+        self._ready = threading.Lock()
+        self._ready.acquire()
+
+    def wake(self, *, lead: bool = False) -> None:
+        self.lead = lead
+        self._ready.release()
+
+    def wait(self) -> None:
+        self._ready.acquire()
+
+
 def _now_text() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
-class _Size:
-    """A running estimate of a record's encoded size (at least the characters of its text)."""
+class _Walk:
+    """What turning record fields into JSON found: a running estimate of the encoded size (at
+    least the characters of its text), and whether every number and key is one the C encoder
+    writes in RFC 8785 form already (:func:`jcs.canonicalize_plain`)."""
 
     def __init__(self) -> None:
         self.total = 0
+        self.plain = True
 
 
-def _jsonable(value: object, size: _Size) -> object:
+def _jsonable(value: object, walk: _Walk) -> object:
     """Record fields as JSON values; other types (Fraction, Decimal, Path, times) as text.
 
     Callers have always been able to pass such values (the log used ``default=str``); turning
     them into text here keeps every record writable, so no outcome escapes the log on a type.
     """
     kind = type(value)
-    size.total += 8
+    walk.total += 8
     if kind is str:
-        size.total += len(value)  # type: ignore[arg-type]
+        walk.total += len(value)  # type: ignore[arg-type]
         return value
-    if value is None or kind is bool or kind is int:
+    if value is None or kind is bool:
+        return value
+    if kind is int:
+        if walk.plain and not jcs.plain_number(value):  # type: ignore[arg-type]
+            walk.plain = False
         return value
     if kind is float:
-        return value if math.isfinite(value) else str(value)  # type: ignore[arg-type]
+        if not math.isfinite(value):  # type: ignore[arg-type]
+            return str(value)
+        if walk.plain and not jcs.plain_number(value):  # type: ignore[arg-type]
+            walk.plain = False
+        return value
     # The exact built-in containers first: the ABC checks below cost more than the copy.
     if kind is dict:
-        return {
-            k if type(k) is str else str(k): _jsonable(v, size)
+        copy = {
+            k if type(k) is str else str(k): _jsonable(v, walk)
             for k, v in value.items()  # type: ignore[attr-defined]
         }
+        if walk.plain and not all(k.isascii() or jcs.plain_key(k) for k in copy):
+            walk.plain = False
+        return copy
     if kind is list or kind is tuple:
-        return [_jsonable(v, size) for v in value]  # type: ignore[attr-defined]
+        return [_jsonable(v, walk) for v in value]  # type: ignore[attr-defined]
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v, size) for k, v in value.items()}
+        return _jsonable({str(k): v for k, v in value.items()}, walk)
     if isinstance(value, list | tuple):
-        return [_jsonable(v, size) for v in value]
+        return [_jsonable(v, walk) for v in value]
     if isinstance(value, str | int):  # subclasses (enums) as their plain value
-        return _jsonable(str(value) if isinstance(value, str) else int(value), size)
+        return _jsonable(str(value) if isinstance(value, str) else int(value), walk)
     if isinstance(value, float):
-        return _jsonable(float(value), size)
+        return _jsonable(float(value), walk)
     if isinstance(value, Fraction | Decimal):
         return str(value)
     return str(value)
@@ -195,9 +228,13 @@ class AuditLog:
         self.options = options or AuditLogOptions()
         self._clock = clock
         self._lock = threading.Lock()  # record order, the frontier, files
-        self._synced = threading.Condition()  # group commit: who syncs, how far is durable
-        self._syncing = False
+        # Group commit (see `_sync_through`): how far is durable, whether an append leads the
+        # syncing, whether a sync is running, and the appends waiting for one.
+        self._synced = threading.Condition()
         self._durable = 0
+        self._leading = False
+        self._in_flight = False
+        self._waiters: list[_Waiter] = []
         self._failure: str | None = None
         self._closed = False
         self._wake = threading.Event()
@@ -435,8 +472,8 @@ class AuditLog:
         reserved = _RESERVED.intersection(fields)
         if reserved:
             raise ValueError(f"record fields may not be named {', '.join(sorted(reserved))}")
-        size = _Size()
-        body = _jsonable(fields, size)
+        walk = _Walk()
+        body = _jsonable(fields, walk)
         assert isinstance(body, dict)
         limit = self.options.max_record_bytes
         with self._lock:
@@ -444,12 +481,16 @@ class AuditLog:
             sequence = self._appender.size
             record = {"seq": sequence, "time": _now_text(), "kind": kind, **body}
             try:
-                if size.total > limit:
+                if walk.total > limit:
                     # Possibly huge: the exact encoder gives up as soon as the limit is passed.
                     line = jcs.canonicalize(record, limit=limit)
                 else:
                     try:
-                        line = jcs.canonicalize_record(record)
+                        line = (
+                            jcs.canonicalize_plain(record)
+                            if walk.plain and jcs.plain_number(sequence)
+                            else jcs.canonicalize_record(record)
+                        )
                     except jcs.NotCanonicalizable:
                         # Only a lone surrogate gets here (_jsonable made everything else
                         # JSON): keep the record, with U+FFFD in its place.
@@ -496,60 +537,123 @@ class AuditLog:
         self._appender.append(leaf_hash(line))
 
     def _sync_through(self, target: int) -> None:
-        """Return once records up to ``target`` are durable, syncing if no one else is."""
-        while True:
-            with self._lock, self._synced:
-                if self._durable >= target:
-                    return
-                if self._failure is not None:
+        """Return once records up to ``target`` are durable (leader-follower group commit).
+
+        One append at a time leads: it syncs everything written so far. Appends that finish
+        writing while it syncs wait, each on its own lock, and are woken exactly once: when a
+        sync covered their record, or (the first still uncovered) to lead the next sync, which
+        covers every record written before it starts. Waking only the appends a sync concerns
+        keeps the cost per append flat however many writers wait; a condition variable's
+        ``notify_all`` woke every waiter after every sync, which cost more CPU than it saved.
+        """
+        with self._synced:
+            if self._durable >= target:
+                return
+            if self._failure is not None:
+                self._check_usable()
+            waiter: _Waiter | None = None
+            if self._leading:
+                waiter = _Waiter(target)
+                self._waiters.append(waiter)
+            else:
+                self._leading = True
+        if waiter is not None:
+            waiter.wait()
+            if not waiter.lead:
+                if self._durable < target:  # woken by a sync that failed
                     self._check_usable()
-                lead = not self._syncing
-                if lead:
-                    # Chosen while holding the log lock, so a rotation never closes this fd
-                    # under us: it waits for `_syncing` to clear first.
-                    self._syncing = True
-                    fd, upto = self._fd, self._appender.size
-            if not lead:
-                with self._synced:
-                    while self._syncing and self._durable < target:
-                        self._synced.wait()
-                continue
-            error: OSError | None = None
+                return
+        self._lead()
+
+    def _lead(self) -> None:
+        """Sync everything written so far, then wake the appends it covered and the next leader."""
+        with self._lock:
+            # Taken under the log lock, which a rotation or close holds while it waits for
+            # `_in_flight` to clear: the fd stays open until this sync returns.
+            with self._synced:
+                upto = self._appender.size
+                if self._failure is None and self._fd < 0 and upto > self._durable:
+                    self._failure = "the audit log was closed"
+                syncing = self._failure is None and upto > self._durable
+                self._in_flight = syncing
+            fd = self._fd
+        error: OSError | None = None
+        if syncing:
             try:
                 _sync(fd)
             except OSError as err:
                 error = err
-            with self._synced:
-                self._syncing = False
-                if error is None:
-                    self._durable = max(self._durable, upto)
-                else:
-                    self._failure = error.strerror or "sync failed"
-                self._synced.notify_all()
+        with self._synced:
+            self._in_flight = False
             if error is not None:
-                raise AuditUnavailable(
-                    f"cannot make the audit log durable: {error.strerror}",
-                    metadata={"error": error.strerror},
-                ) from error
+                self._failure = error.strerror or "sync failed"
+            elif syncing:
+                self._durable = max(self._durable, upto)
+            covered, after = self._settle_locked()
+            self._leading = after is not None
+            self._synced.notify_all()  # a rotation or close waiting for `_in_flight`
+        for waiter in covered:
+            waiter.wake()
+        if after is not None:
+            after.wake(lead=True)
+        if error is not None:
+            raise AuditUnavailable(
+                f"cannot make the audit log durable: {error.strerror}",
+                metadata={"error": error.strerror},
+            ) from error
+
+    def _settle_locked(self) -> tuple[list[_Waiter], _Waiter | None]:
+        """With ``_synced`` held: the waiters to wake (covered, or failed) and the next leader."""
+        if self._failure is not None:
+            covered, self._waiters = self._waiters, []
+            return covered, None
+        durable = self._durable
+        covered = [w for w in self._waiters if w.target <= durable]
+        if len(covered) == len(self._waiters):
+            self._waiters = []
+            return covered, None
+        rest = [w for w in self._waiters if w.target > durable]
+        self._waiters = rest[1:]
+        return covered, rest[0]
 
     def _sync_all_locked(self) -> None:
         """With the log lock held: make everything written durable."""
         with self._synced:
-            while self._syncing:
+            while self._in_flight:
                 self._synced.wait()
+            if self._failure is not None:
+                self._check_usable()  # never sign or rotate over records that may be lost
             if self._durable >= self._appender.size:
                 return
-            try:
-                _sync(self._fd)
-            except OSError as err:
-                self._failure = err.strerror or "sync failed"
-                self._synced.notify_all()
-                raise AuditUnavailable(
-                    f"cannot make the audit log durable: {err.strerror}",
-                    metadata={"error": err.strerror},
-                ) from err
-            self._durable = self._appender.size
+            upto = self._appender.size
+            self._in_flight = True
+        # No other sync can start meanwhile (a leader takes the log lock first), and appends
+        # may still register as waiters.
+        error: OSError | None = None
+        try:
+            _sync(self._fd)
+        except OSError as err:
+            error = err
+        with self._synced:
+            self._in_flight = False
+            if error is not None:
+                self._failure = error.strerror or "sync failed"
+            else:
+                self._durable = max(self._durable, upto)
+            # Leadership is left as it is: a leader woken to sync finds nothing left to do.
+            covered: list[_Waiter] = []
+            waiting: list[_Waiter] = []
+            for waiter in self._waiters:
+                (covered if error is not None or waiter.target <= upto else waiting).append(waiter)
+            self._waiters = waiting
             self._synced.notify_all()
+        for waiter in covered:
+            waiter.wake()
+        if error is not None:
+            raise AuditUnavailable(
+                f"cannot make the audit log durable: {error.strerror}",
+                metadata={"error": error.strerror},
+            ) from error
 
     def _rotate_if_due(self, incoming: int) -> None:
         if self._segment_bytes == 0:

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.audit import jcs
+from gateway.audit import log as log_module
 
 # RFC 8785 Appendix B: IEEE 754 doubles (hex) and their canonical text.
 NUMBERS = [
@@ -161,3 +162,58 @@ def test_every_double_round_trips_through_its_canonical_text(number: float) -> N
     text = jcs.format_number(number)
     assert float(text) == number or (number == 0 and float(text) == 0)
     assert jcs.is_canonical(f"[{text}]".encode())
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False) | st.integers())
+def test_a_plain_number_is_written_as_python_writes_it(number: float) -> None:
+    if jcs.plain_number(number):
+        assert repr(number) == jcs.format_number(number)
+
+
+record_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**60), max_value=2**60)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from([0.0, -0.0, 1e16, 1e21, 1e-7, 123.0, 0.1, 1e-4, 9.999e15, 2.0**53])
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=5)
+        | st.dictionaries(
+            st.text() | st.sampled_from(["\ue000", "\U0001f600", "a\uffff", "\u00e9"]),
+            children,
+            max_size=5,
+        )
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(record_values)
+def test_the_writer_walk_admits_only_values_the_fast_encoder_writes_exactly(
+    value: object,
+) -> None:
+    walk = log_module._Walk()
+    walked = log_module._jsonable({"v": value}, walk)
+    try:
+        exact = jcs.canonicalize(walked)
+    except jcs.NotCanonicalizable:
+        # A lone surrogate, or an integer that is no double (the writer takes the exact path).
+        assert _has_lone_surrogate(walked) or not walk.plain
+        return
+    if walk.plain:
+        assert jcs.canonicalize_plain(walked) == exact
+
+
+def test_a_query_record_takes_the_writer_fast_path() -> None:
+    walk = log_module._Walk()
+    fields = {"scales": {"aged": 100.00000000000003}, "values": [[[], "aged", 1796, False]]}
+    walked = log_module._jsonable({**fields, "cost": {"é": {"epsilon": 0.01}}}, walk)
+    assert walk.plain
+    assert jcs.canonicalize_plain(walked) == jcs.canonicalize(walked)
+    for odd in (1e21, 2.0, 2**60, {"\ue000": 1}):
+        walk = log_module._Walk()
+        log_module._jsonable({"v": odd}, walk)
+        assert not walk.plain, odd
