@@ -100,6 +100,13 @@ def _add_verify(commands: Subcommands) -> None:
         "silo, and for keys used before a rotation); receipts of other silos are reported as "
         "not checked",
     )
+    verify.add_argument(
+        "--jobs",
+        type=_positive_count,
+        metavar="N",
+        help="worker processes checking records and receipt signatures (default: one per "
+        "CPU; 1 checks in this process); findings are the same for any N",
+    )
     verify.set_defaults(handler=_verify)
 
 
@@ -127,6 +134,7 @@ def _verify(args: argparse.Namespace) -> int:
         allow_archived=args.allow_archived,
         max_failures=args.max_failures,
         silo_keys=_silo_keys(args.silo_key),
+        jobs=args.jobs,
     )
     sys.stdout.write(report.render())
     return 0 if report.ok else 1

@@ -38,11 +38,11 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from Crypto.PublicKey import ECC
 
 from gateway.audit import jcs
+from gateway.audit._record_checks import PARALLEL_FROM_BYTES, RecordChecks, default_jobs
 from gateway.audit.checkpoint import (
     MAX_NOTE_BYTES,
     Checkpoint,
@@ -68,11 +68,7 @@ from gateway.audit.store import (
     read_segment_start,
     scan_lines,
 )
-from gateway.silo.receipt import (
-    load_receipt_public_key,
-    receipt_record_problem,
-    record_shape_problem,
-)
+from gateway.silo.receipt import ReceiptKeyring, load_receipt_public_key
 
 
 @dataclass(frozen=True)
@@ -170,95 +166,6 @@ def _open_with_any(note: str, keys: Sequence[ECC.EccKey], origin: str | None) ->
     raise first_error
 
 
-class _ReceiptChecker:
-    """Checks the silo receipts of records with the silos' public receipt keys (if given)."""
-
-    def __init__(self, silo_keys: Mapping[str, Sequence[ECC.EccKey]], report: VerifyReport) -> None:
-        self.silo_keys = silo_keys
-        self.report = report
-
-    def one(self, receipt: object, request_id: object) -> str | None:
-        """Why one receipt is not acceptable (None when it is)."""
-        shape = record_shape_problem(receipt)
-        if shape is not None:
-            return shape
-        assert isinstance(receipt, dict)
-        name = receipt["silo"]
-        if not name:
-            return "a silo receipt names no silo"
-        if receipt["request_id"] != request_id:
-            return f"the receipt of silo '{name}' names another request id"
-        keys = self.silo_keys.get(name)
-        if keys is None:
-            self.report.receipts_unchecked[name] += 1
-            return None
-        problem = receipt_record_problem(receipt, keys)
-        if problem is not None:
-            return f"the receipt of silo '{name}': {problem}"
-        self.report.receipts_checked[name] += 1
-        return None
-
-    def query(self, record: dict[str, Any]) -> str | None:
-        """A gateway query record: a released one needs one receipt per silo it used; a failed
-        one keeps the receipts of the silos that answered."""
-        receipts = record.get("receipts")
-        released = record.get("decision") == "released"
-        if receipts is None and not released:
-            return None
-        if not isinstance(receipts, list) or (released and not receipts):
-            return "a released query without silo receipts" if released else "bad receipts"
-        silos: set[str] = set()
-        for receipt in receipts:
-            problem = self.one(receipt, record.get("request_id"))
-            if problem is not None:
-                return problem
-            silo = receipt["silo"]
-            if silo in silos:
-                return f"two receipts from silo '{silo}'"
-            silos.add(silo)
-        return None
-
-    def release(self, record: dict[str, Any]) -> str | None:
-        """A silo's ``release`` record: its receipt, and the digests it states beside it."""
-        if "receipt" not in record:
-            return "a release record without its receipt"
-        receipt = record["receipt"]
-        problem = self.one(receipt, record.get("request_id"))
-        if problem is not None:
-            return problem
-        assert isinstance(receipt, dict)
-        for name in ("digest", "values_digest", "query_digest", "rho"):
-            if name in record and record[name] != receipt[name]:
-                return f"the record's {name} differs from its receipt's"
-        return None
-
-    def check(self, record: dict[str, Any]) -> str | None:
-        kind = record.get("kind")
-        if kind == "query":
-            return self.query(record)
-        if kind == "release":
-            return self.release(record)
-        return None
-
-
-def _record_problem(record: object, position: int) -> str | None:
-    if not isinstance(record, dict):
-        return "not a JSON object"
-    seq = record.get("seq")
-    if seq != position or isinstance(seq, bool):
-        return f"sequence number {seq!r}, expected {position}"
-    kind, time = record.get("kind"), record.get("time")
-    if not isinstance(kind, str) or not kind:
-        return "no record kind"
-    if not isinstance(time, str):
-        return "no record time"
-    try:
-        dt.datetime.fromisoformat(time)
-    except ValueError:
-        return f"the time {time[:40]!r} is not ISO 8601"
-    return None
-
-
 class _Verifier:
     def __init__(
         self,
@@ -269,11 +176,18 @@ class _Verifier:
         allow_archived: bool,
         max_record_bytes: int,
         silo_keys: Mapping[str, Sequence[ECC.EccKey]],
+        jobs: int,
     ) -> None:
         self.directory = directory
         self.keys = keys
         self.report = report
-        self.receipts = _ReceiptChecker(silo_keys, report)
+        self.checks = RecordChecks(
+            {silo: ReceiptKeyring.of(keys) for silo, keys in silo_keys.items()},
+            jobs=jobs,
+            fail=report.fail,
+            checked=report.receipts_checked,
+            unchecked=report.receipts_unchecked,
+        )
         self.allow_archived = allow_archived
         self.max_record_bytes = max_record_bytes
         self.tree = MerkleTree()
@@ -298,6 +212,8 @@ class _Verifier:
             report.fail(self.directory.name, None, None, "no segment files: not an audit log")
             self.complete = False
             return
+        if _total_bytes(segments) < PARALLEL_FROM_BYTES:
+            self.checks.jobs = 1
         for index, segment in enumerate(segments):
             start = self._start(segment, first=index == 0)
             if start is None and index == 0:
@@ -378,12 +294,15 @@ class _Verifier:
                 return
 
     def _segment_records(self, segment: Segment, *, last: bool) -> bool:
-        report, tree = self.report, self.tree
+        """Hash every line of ``segment`` into the tree and queue its record checks; a finding
+        of this loop first settles the checks of the lines before it (log order)."""
+        report, tree, checks = self.report, self.tree, self.checks
         try:
             lines = scan_lines(segment.path, self.max_record_bytes)
             for line in lines:
                 position = tree.size
                 if not line.terminated:
+                    checks.settle()
                     if last:
                         report.warn(
                             segment.name,
@@ -397,6 +316,7 @@ class _Verifier:
                     report.fail(segment.name, line.number, position, "the line is cut short")
                     return False
                 if line.data is None:
+                    checks.settle()
                     report.fail(
                         segment.name,
                         line.number,
@@ -407,20 +327,12 @@ class _Verifier:
                     return False
                 tree.append(leaf_hash(line.data))
                 report.records += 1
-                try:
-                    record = jcs.canonical_value(line.data)
-                except ValueError as err:
-                    report.fail(segment.name, line.number, position, f"not a record: {err}")
-                    continue
-                problem = _record_problem(record, position)
-                if problem is None:
-                    assert isinstance(record, dict)
-                    problem = self.receipts.check(record)
-                if problem is not None:
-                    report.fail(segment.name, line.number, position, problem)
+                checks.add(segment.name, line.number, position, line.data)
         except OSError as err:
+            checks.settle()
             report.fail(segment.name, None, None, f"unreadable: {err.strerror}")
             return False
+        checks.settle()
         return True
 
     def _where(self, first: int, end: int) -> str:
@@ -669,10 +581,12 @@ def verify_log(
     max_failures: int = 20,
     max_record_bytes: int = DEFAULT_MAX_LINE_BYTES,
     silo_keys: Mapping[str, Sequence[Path]] | None = None,
+    jobs: int | None = None,
 ) -> VerifyReport:
     """Check the audit log in ``directory`` (see the module docstring). ``silo_keys``: each
-    silo's public receipt key file(s) (several after a rotation). Keys that cannot be read
-    raise ``ConfigurationError``; everything about the log goes into the report."""
+    silo's public receipt key file(s) (several after a rotation). ``jobs``: worker processes
+    checking records (default: one per CPU; 1 checks in this process). Keys that cannot be
+    read raise ``ConfigurationError``; everything about the log goes into the report."""
     return verify_with_keys(
         directory,
         [load_verification_key(path) for path in keys],
@@ -684,6 +598,7 @@ def verify_log(
             silo: [load_receipt_public_key(path) for path in paths]
             for silo, paths in (silo_keys or {}).items()
         },
+        jobs=jobs,
     )
 
 
@@ -697,6 +612,7 @@ def verify_with_keys(
     max_record_bytes: int = DEFAULT_MAX_LINE_BYTES,
     fail_fast: bool = False,
     silo_keys: Mapping[str, Sequence[ECC.EccKey]] | None = None,
+    jobs: int | None = None,
 ) -> VerifyReport:
     """:func:`verify_log` with keys already loaded. With ``fail_fast``, stop at the first
     failure: the verdict (``ok``) is the same, the report shorter."""
@@ -711,6 +627,7 @@ def verify_with_keys(
             allow_archived,
             max_record_bytes,
             silo_keys or {},
+            default_jobs() if jobs is None else jobs,
         )
     return report
 
@@ -723,6 +640,7 @@ def _run(
     allow_archived: bool,
     max_record_bytes: int,
     silo_keys: Mapping[str, Sequence[ECC.EccKey]],
+    jobs: int,
 ) -> None:
     if not directory.is_dir():
         report.fail(directory.name or str(directory), None, None, "not a directory")
@@ -734,8 +652,12 @@ def _run(
         allow_archived=allow_archived,
         max_record_bytes=max_record_bytes,
         silo_keys=silo_keys,
+        jobs=jobs,
     )
-    verifier.records()
+    try:
+        verifier.records()
+    finally:
+        verifier.checks.close()
     notes = verifier.checkpoints()
     verifier.published(notes)
     verifier.coverage()
@@ -744,6 +666,14 @@ def _run(
         if report.ok and report.latest is not None and report.latest_note is not None:
             _remember(state_file, report.latest_note)
             report.notes.append(f"note: {state_file.name} now remembers size {report.latest.size}")
+
+
+def _total_bytes(segments: Sequence[Segment]) -> int:
+    total = 0
+    for segment in segments:
+        with contextlib.suppress(OSError):
+            total += segment.path.stat().st_size
+    return total
 
 
 def _remember(state_file: Path, note: str) -> None:

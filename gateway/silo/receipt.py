@@ -28,7 +28,7 @@ import base64
 import binascii
 import functools
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -355,17 +355,64 @@ def receipt_record_problem(
 ) -> str | None:
     """What is wrong with a receipt as recorded by :func:`receipt_to_record`, checked with the
     silo's public key(s) (several when the silo rotated its key); None when it holds."""
-    problem = record_shape_problem(record)
-    if problem is not None:
-        return problem
-    assert isinstance(record, dict)
-    return _signature_problem(
-        _statement(record),
-        record["digest"],
-        base64.b64decode(record["signature"]),
-        record["key_id"],
-        public_key,
-    )
+    return ReceiptKeyring.of(public_key).record_problem(record)
+
+
+class ReceiptKeyring:
+    """A silo's public receipt keys by key id, each ready to verify with (OpenSSL's Ed25519).
+
+    Built once for a run that checks many receipts (``audit verify``, ``reconcile``): the keys
+    are exported, identified and loaded once, not per receipt. ``raw`` (the raw public keys) is
+    all a worker process needs to build the same keyring.
+    """
+
+    def __init__(self, raw_keys: Iterable[bytes]) -> None:
+        self.raw = tuple(raw_keys)
+        self._keys = {
+            hashlib.sha256(raw).hexdigest()[:_KEY_ID_CHARS]: _verifier(raw) for raw in self.raw
+        }
+
+    @classmethod
+    def of(cls, public_key: ECC.EccKey | Sequence[ECC.EccKey]) -> ReceiptKeyring:
+        return _keyring(tuple(_raw_key(key)[1] for key in _keys(public_key)))
+
+    def record_problem(self, record: Mapping[str, Any] | object) -> str | None:
+        """:func:`receipt_record_problem` with these keys."""
+        problem = record_shape_problem(record)
+        if problem is not None:
+            return problem
+        assert isinstance(record, dict)
+        return self.shaped_record_problem(record)
+
+    def shaped_record_problem(self, record: Mapping[str, Any]) -> str | None:
+        """The digest, key id and signature of a receipt record that
+        :func:`record_shape_problem` accepted (None when they hold)."""
+        # Every statement field is text or a list of text under an ASCII name: the C encoder
+        # writes those in RFC 8785 form, as the silo's signer did.
+        try:
+            statement = jcs.canonicalize_plain({name: record[name] for name in STATEMENT_FIELDS})
+        except jcs.NotCanonicalizable:
+            return "the receipt's statement has no canonical form (a lone surrogate)"
+        if record["digest"] != hashlib.sha256(statement).hexdigest():
+            return "the receipt's digest does not match its statement"
+        key_id = record["key_id"]
+        key = self._keys.get(key_id)
+        if key is None:
+            known = ", ".join(sorted(self._keys)) or "none"
+            return f"unknown receipt key id {key_id[:_KEY_ID_CHARS]!r} (known: {known})"
+        signature = base64.b64decode(record["signature"])
+        if len(signature) != _SIGNATURE_BYTES:
+            return f"bad signature: {len(signature)} bytes, not {_SIGNATURE_BYTES}"
+        try:
+            key.verify(signature, statement)
+        except InvalidSignature:
+            return "bad signature: it does not verify with the silo's receipt key"
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _keyring(raw_keys: tuple[bytes, ...]) -> ReceiptKeyring:
+    return ReceiptKeyring(raw_keys)
 
 
 # -- the silo's release log -------------------------------------------------------------------
@@ -410,6 +457,7 @@ def release_log_entry(
 __all__ = [
     "RECORD_FIELDS",
     "STATEMENT_FIELDS",
+    "ReceiptKeyring",
     "ReceiptSigner",
     "generate_receipt_key",
     "load_receipt_public_key",

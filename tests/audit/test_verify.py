@@ -375,3 +375,56 @@ def test_an_unreadable_silo_key_is_one_line(log_dir: Path, key: LogKey, tmp_path
     )
     assert code == 1 and out == ""
     assert err.startswith("silogate: KEY_UNREADABLE: cannot read the receipt public key")
+
+
+def test_worker_processes_find_the_same_failures_in_the_same_order(
+    tmp_path: Path, key: LogKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records and receipts checked by worker processes, a few lines per chunk: the report is
+    the one a single process writes (failures by file, line and sequence, in log order)."""
+    directory = tmp_path / "log"
+    log = AuditLog(directory, signer=key.signer(), options=AuditLogOptions(segment_max_bytes=6000))
+    forged = ReceiptSigner(ECC.construct(curve="Ed25519", seed=bytes(32)))
+    forged.key_id = CIVIL_RECEIPTS.key_id
+    for number in range(40):
+        record = query_record(number)
+        if number in (3, 17, 18, 31):
+            record["receipts"] = [civil_receipt(number, forged)]
+        if number == 25:
+            record["receipts"][0]["rho"] = "1/2000"
+        log.append("query", record)
+    log.close()
+    path, lines = _segment_lines(directory, 1)
+    lines[2] = lines[2].replace(b'"consumer":', b'"consumer" :')  # not canonical
+    path.write_bytes(b"".join(lines))
+    lines = _segment_lines(directory, -1)[1]
+    _segment_lines(directory, -1)[0].write_bytes(b"".join(lines) + b'{"seq":')  # torn tail
+    silo_keys = {"civil": [CIVIL_RECEIPTS.public_key]}
+
+    import gateway.audit._record_checks as record_checks
+    import gateway.audit.verify as verify_module
+
+    def run(jobs: int, max_failures: int = 20, fail_fast: bool = False) -> str:
+        report = verify_with_keys(
+            directory,
+            [key.public_key()],
+            silo_keys=silo_keys,
+            jobs=jobs,
+            max_failures=max_failures,
+            fail_fast=fail_fast,
+        )
+        return report.render()
+
+    one = run(1)
+    assert "FAILED: 19 failure(s)" in one, one
+    assert (
+        one.index("(seq 3): the receipt")
+        < one.index("(seq 7): not a record")
+        < one.index("(seq 31): the receipt")
+    )
+    monkeypatch.setattr(record_checks, "CHUNK_LINES", 3)
+    monkeypatch.setattr(verify_module, "PARALLEL_FROM_BYTES", 0)
+    assert run(1) == one
+    assert run(2) == one
+    assert run(3, max_failures=2) == run(1, max_failures=2)
+    assert run(2, fail_fast=True) == run(1, fail_fast=True)
