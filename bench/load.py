@@ -60,6 +60,12 @@ class Phase:
         return ordered[min(int(p * len(ordered)), len(ordered) - 1)] if ordered else float("nan")
 
 
+def _large(budget: dict[str, object], period: str) -> dict[str, object]:
+    """A budget of LARGE_RHO over ``period``, keeping its key_delta (data-dependent keys)."""
+    kept = {"key_delta": budget["key_delta"]} if "key_delta" in budget else {}
+    return {"rho": LARGE_RHO, "period": period, **kept}
+
+
 def bench_bundle(root: Path) -> Path:
     """The demo bundle with every budget so large that the benchmark never exhausts it."""
     bundle = root / "policies"
@@ -67,12 +73,12 @@ def bench_bundle(root: Path) -> Path:
     yaml = YAML()
     populations = yaml.load((bundle / "populations.yaml").read_text())
     for population in populations["populations"].values():
-        population["budget"] = {"rho": LARGE_RHO, "period": "lifetime"}
+        population["budget"] = _large(population["budget"], "lifetime")
     yaml.dump(populations, bundle / "populations.yaml")
     rules = yaml.load((bundle / "rules.yaml").read_text())
     for rule in rules["rules"].values():
         if "budget" in rule:
-            rule["budget"] = {"rho": LARGE_RHO, "period": rule["budget"].get("period", "lifetime")}
+            rule["budget"] = _large(rule["budget"], rule["budget"].get("period", "lifetime"))
     yaml.dump(rules, bundle / "rules.yaml")
     return bundle
 

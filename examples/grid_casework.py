@@ -28,3 +28,21 @@ with connect_from_args("grid-centre") as client:
     for row in result.rows:
         value = row.values["open_cases"]
         print(f"{row.keys['street']}: {'suppressed' if value.suppressed else f'{value.value:.0f}'}")
+
+    # Cases per handler: there is no public list of handlers, so their names come from the data
+    # and only handlers whose noisy count clears a DP threshold are released (rho spend only).
+    handlers = client.query(
+        purpose="casework-monitoring",
+        measures=[count("cases", "events.cases", rho="0.5")],
+        group_by=["handler"],
+    )
+    plan = handlers.raw.measures[0]
+    print(
+        f"\nhandlers above the threshold {plan.key_threshold} "
+        f"(charged rho {handlers.rho} and delta {handlers.raw.cost.key_delta}):"
+    )
+    for row in handlers.rows:
+        value = row.values["cases"]
+        print(
+            f"{row.keys['handler']}: {'suppressed' if value.suppressed else f'{value.value:.0f}'}"
+        )

@@ -46,6 +46,18 @@ def plan_fields(plan: QueryPlan) -> dict[str, Any]:
             }
             for scope in plan.scopes
         },
+        # Data-dependent group keys: the delta charged to every scope and each measure's
+        # threshold (a key is released when its noisy count is above it).
+        **(
+            {
+                "key_delta": str(plan.key_delta),
+                "key_thresholds": {
+                    m.measure.id: m.threshold.threshold for m in plan.measures if m.threshold
+                },
+            }
+            if plan.from_data
+            else {}
+        ),
     }
 
 

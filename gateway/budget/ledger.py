@@ -333,13 +333,15 @@ class PrivacyLedger:
                 spent, reserved = current[key]
                 remaining = charge.limit.total - spent - reserved
                 if charge.cost > remaining:
+                    # A "...#key_delta" scope counts the delta of data-dependent keys, not rho.
+                    unit = "delta" if charge.limit.scope.endswith("#key_delta") else "rho"
                     raise BudgetExhausted(
-                        f"budget scope '{key}' has rho {float(remaining):.6g} left; "
+                        f"budget scope '{key}' has {unit} {float(remaining):.6g} left; "
                         f"the query needs {float(charge.cost):.6g}",
                         metadata={
                             "scope": key,
-                            "requested_rho": _text(charge.cost),
-                            "remaining_rho": _text(max(remaining, _ZERO)),
+                            f"requested_{unit}": _text(charge.cost),
+                            f"remaining_{unit}": _text(max(remaining, _ZERO)),
                         },
                     )
             windows = "|".join(sorted(key for key, _ in keyed))

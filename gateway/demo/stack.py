@@ -53,11 +53,15 @@ def _tls(pki: DevPki, role: str, name: str = "") -> dict[str, str]:
     return {"ca": str(files.ca), "cert": str(files.cert), "key": str(files.key)}
 
 
+# Raised whenever the generated tables change shape, so that older generated data is rebuilt.
+DATA_LAYOUT = 2
+
+
 def prepare_data(workdir: Path, people: int, seed: int, *, progress: bool = False) -> Path:
-    """Generate the silo databases unless the same (people, seed) is already there."""
+    """Generate the silo databases unless the same (people, seed, layout) is already there."""
     data = workdir / "data"
     marker = data / "generated.json"
-    wanted = {"people": people, "seed": seed}
+    wanted = {"people": people, "seed": seed, "layout": DATA_LAYOUT}
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return data
     generate_departments(data, people, seed, progress=progress)

@@ -37,6 +37,13 @@ class BudgetScope:
     total_rho: Fraction
     period: str
     delta: Fraction
+    # The delta data-dependent group keys may spend here in the period (``budget.key_delta``).
+    key_delta: Fraction = Fraction(0)
+
+    @property
+    def delta_key(self) -> str:
+        """The ledger scope that counts this scope's key delta (a second, parallel budget)."""
+        return f"{self.key}#key_delta"
 
 
 @dataclass(frozen=True)
@@ -172,7 +179,9 @@ def _cap_check(rule: Rule, measure: MeasureForm) -> ClauseCheck | None:
     )
 
 
-def _permit_checks(rule: Rule, measure: MeasureForm, query: QueryForm) -> list[ClauseCheck]:
+def _permit_checks(
+    rule: Rule, measure: MeasureForm, query: QueryForm, open_groups: tuple[str, ...]
+) -> list[ClauseCheck]:
     """The requirements of a permit rule, in the order their failures are reported."""
     checks: list[ClauseCheck] = []
     if not rule.purposes:
@@ -208,6 +217,24 @@ def _permit_checks(rule: Rule, measure: MeasureForm, query: QueryForm) -> list[C
     extra_groups = [g for g in query.group_by if g not in rule.group_by]
     if extra_groups:
         checks.append(ClauseCheck("group_by", False, f"group-by on {extra_groups} is not granted"))
+    elif open_groups and not rule.allow_data_dependent_keys:
+        checks.append(
+            ClauseCheck(
+                "group_by",
+                False,
+                f"group-by on {list(open_groups)} takes its keys from the data, which the rule "
+                "does not allow (allow_data_dependent_keys)",
+            )
+        )
+    elif open_groups:
+        checks.append(
+            ClauseCheck(
+                "group_by",
+                True,
+                f"group-by on {list(query.group_by)} is granted, keys from the data above a "
+                f"threshold (key_delta {rule.key_delta})",
+            )
+        )
     elif query.group_by:
         checks.append(
             ClauseCheck("group_by", True, f"group-by on {list(query.group_by)} is granted")
@@ -276,11 +303,19 @@ def _forbid_checks(rule: Rule, measure: MeasureForm, query: QueryForm) -> list[C
 
 
 def check_rule(
-    rule_id: str, rule: Rule, consumer: str, query: QueryForm, measure: MeasureForm
+    rule_id: str,
+    rule: Rule,
+    consumer: str,
+    query: QueryForm,
+    measure: MeasureForm,
+    open_groups: tuple[str, ...] = (),
 ) -> RuleCheck:
-    """Every clause of one rule for one measure (all clauses, not only up to the first failure)."""
+    """Every clause of one rule for one measure (all clauses, not only up to the first failure).
+
+    ``open_groups``: the group-by columns whose keys come from the data in the measure's dataset.
+    """
     body = (
-        _permit_checks(rule, measure, query)
+        _permit_checks(rule, measure, query, open_groups)
         if rule.effect == "permit"
         else _forbid_checks(rule, measure, query)
     )
@@ -303,12 +338,14 @@ def scope_keys(
             total_rho=rule.budget.rho_total,
             period=rule.budget.period,
             delta=Fraction(rule.budget.delta),
+            key_delta=Fraction(rule.budget.key_delta),
         ),
         BudgetScope(
             key=f"population:{population_name}/{population.budget.period}",
             total_rho=population.budget.rho_total,
             period=population.budget.period,
             delta=Fraction(population.budget.delta),
+            key_delta=Fraction(population.budget.key_delta),
         ),
         *((silo_cap,) if silo_cap is not None else ()),
     )
@@ -328,7 +365,16 @@ def dataset_scope(bundle: Bundle, dataset: str) -> BudgetScope | None:
         total_rho=budget.rho_total,
         period=budget.period,
         delta=Fraction(budget.delta),
+        key_delta=Fraction(budget.key_delta),
     )
+
+
+def open_groups(bundle: Bundle, query: QueryForm, measure: MeasureForm) -> tuple[str, ...]:
+    """The query's group-by columns whose keys come from the data in ``measure``'s dataset."""
+    dataset = bundle.datasets.get(measure.dataset)
+    if dataset is None:
+        return ()
+    return tuple(g for g in query.group_by if g in dataset.columns and dataset.columns[g].open_keys)
 
 
 def _only_cap_failed(check: RuleCheck) -> bool:
@@ -340,7 +386,7 @@ def decide(bundle: Bundle, consumer: str, query: QueryForm) -> Decision:
     """Decide a (policy-validated) query for a known consumer."""
     measures = sorted(query.measures, key=lambda m: m.id)
     trace = tuple(
-        check_rule(rule_id, rule, consumer, query, measure)
+        check_rule(rule_id, rule, consumer, query, measure, open_groups(bundle, query, measure))
         for measure in measures
         for rule_id, rule in sorted(bundle.rules.items())
     )

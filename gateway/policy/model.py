@@ -53,6 +53,9 @@ class BudgetSpec(_Strict):
     epsilon: Amount | None = None
     rho: Amount | None = None
     delta: Annotated[Decimal, Field(ge=0, lt=1, max_digits=30, decimal_places=20)] = Decimal(0)
+    # The delta that data-dependent group keys may spend in this scope and period, in total
+    # (each thresholded release spends its rule's ``key_delta``). 0: none may be released here.
+    key_delta: Annotated[Decimal, Field(ge=0, lt=1, max_digits=30, decimal_places=20)] = Decimal(0)
     period: Period = "lifetime"
 
     @model_validator(mode="after")
@@ -105,10 +108,14 @@ class Column(_Strict):
     # Default histogram bin edges (strictly increasing; k+1 edges make k bins, the last closed).
     bins: Annotated[list[Number], Field(min_length=2, max_length=1001)] | None = None
 
+    @property
+    def open_keys(self) -> bool:
+        """A category column without a public key set: its keys exist only in the data, so a
+        group-by on it releases keys above a DP threshold (rules must allow it)."""
+        return self.type == "category" and self.key_set is None
+
     @model_validator(mode="after")
     def _typed(self) -> Column:
-        if self.type == "category" and self.key_set is None:
-            raise DeclarationError("a category column needs a 'key_set'", at="type")
         if self.type != "category" and self.key_set is not None:
             raise DeclarationError(
                 f"only category columns take a 'key_set' (this column is {self.type})",
@@ -180,6 +187,8 @@ class Rule(_Strict):
     # Whether group keys may come from the data (released only above a DP threshold, which needs
     # a delta > 0) instead of a public key set. Off by default: keys reveal who is in the data.
     allow_data_dependent_keys: Annotated[bool, Field(strict=True)] = False
+    # The delta each such release spends (the chance a key held by one person is released).
+    key_delta: Annotated[Decimal, Field(gt=0, lt=1, max_digits=30, decimal_places=20)] | None = None
 
     @model_validator(mode="after")
     def _permit_has_budget(self) -> Rule:
@@ -187,6 +196,25 @@ class Rule(_Strict):
             raise DeclarationError("a permit rule needs a 'budget'", at="effect")
         if self.effect == "permit" and not self.measures:
             raise DeclarationError("a permit rule needs 'measures'", at="effect")
+        if self.allow_data_dependent_keys and self.key_delta is None:
+            raise DeclarationError(
+                "'allow_data_dependent_keys' needs a 'key_delta' (the delta each release spends)",
+                at="allow_data_dependent_keys",
+            )
+        if self.key_delta is not None and not self.allow_data_dependent_keys:
+            raise DeclarationError(
+                "'key_delta' is only used with 'allow_data_dependent_keys: true'", at="key_delta"
+            )
+        if (
+            self.key_delta is not None
+            and self.budget is not None
+            and self.budget.key_delta < self.key_delta
+        ):
+            raise DeclarationError(
+                f"the rule's budget allows key_delta {self.budget.key_delta} in total, less than "
+                f"one release's key_delta {self.key_delta}",
+                at="key_delta",
+            )
         return self
 
     def applies_to_consumer(self, consumer: str) -> bool:

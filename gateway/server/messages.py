@@ -11,16 +11,27 @@ from gateway.privacy.noise import MECHANISM_NUMBERS
 from gateway.server.planning import MeasurePlanning
 
 
-def privacy_cost(rho: Fraction, delta: Fraction = Fraction(0)) -> query_pb2.PrivacyCost:
+def exact_text(x: Fraction) -> str:
+    """An exact rational as "p/q", or an integer string."""
+    return f"{x.numerator}/{x.denominator}" if x.denominator != 1 else str(x.numerator)
+
+
+def privacy_cost(
+    rho: Fraction, delta: Fraction = Fraction(0), key_delta: Fraction = Fraction(0)
+) -> query_pb2.PrivacyCost:
     return query_pb2.PrivacyCost(
-        rho=f"{rho.numerator}/{rho.denominator}" if rho.denominator != 1 else str(rho.numerator),
+        rho=exact_text(rho),
         rho_value=float(rho),
         epsilon=epsilon_at_delta(rho, delta),
         delta=float(delta),
+        key_delta=exact_text(key_delta) if key_delta else "",
     )
 
 
-def balance_message(balance: Balance, delta: Fraction) -> query_service_pb2.BudgetBalance:
+def balance_message(
+    balance: Balance, delta: Fraction, key_delta: Balance | None = None
+) -> query_service_pb2.BudgetBalance:
+    """A scope's rho balance and, when given, its balance of delta for data-dependent keys."""
     return query_service_pb2.BudgetBalance(
         scope=balance.scope,
         total=privacy_cost(balance.total, delta),
@@ -28,6 +39,16 @@ def balance_message(balance: Balance, delta: Fraction) -> query_service_pb2.Budg
         reserved=privacy_cost(balance.reserved, delta),
         remaining=privacy_cost(max(balance.remaining, Fraction(0)), delta),
         period_end=balance.period_end.isoformat() if balance.period_end else "",
+        key_delta=(
+            query_service_pb2.KeyDeltaBalance(
+                total=exact_text(key_delta.total),
+                spent=exact_text(key_delta.spent),
+                reserved=exact_text(key_delta.reserved),
+                remaining=exact_text(max(key_delta.remaining, Fraction(0))),
+            )
+            if key_delta is not None
+            else None
+        ),
     )
 
 
@@ -42,5 +63,6 @@ def measure_plan_message(planning: MeasurePlanning) -> query_service_pb2.Measure
         sensitivity=first.sensitivity,
         # A mean's error depends on each group's noisy count: every value carries its own.
         error95=0.0 if planning.measure.kind == "mean" else first.error95,
-        cost=privacy_cost(planning.rho),
+        cost=privacy_cost(planning.rho, key_delta=planning.key_delta),
+        key_threshold=planning.threshold.threshold if planning.threshold else 0,
     )

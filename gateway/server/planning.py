@@ -17,8 +17,10 @@ from gateway.errors import PolicyDenied
 from gateway.policy.decision import BudgetScope, Decision
 from gateway.policy.model import Bundle
 from gateway.privacy.noise import NoisePlan, plan_noise, split_spend
-from gateway.privacy.sensitivity import components, histogram_bins
+from gateway.privacy.sensitivity import Component, components, histogram_bins
+from gateway.privacy.thresholds import ThresholdPlan, key_distance, plan_threshold
 from gateway.query.form import MeasureForm, QueryForm
+from gateway.query.validate import data_dependent_keys
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ class MeasurePlanning:
     scopes: tuple[str, ...] = ()
     # HISTOGRAM bin edges (the caller's or the policy's); empty for other measures.
     bins: tuple[Decimal, ...] = ()
+    # Group keys from the data: the threshold release, and the delta charged to every scope
+    # (the rule's key_delta; OpenDP's map at the threshold is at most that).
+    threshold: ThresholdPlan | None = None
+    key_delta: Fraction = Fraction(0)
 
     @property
     def noise(self) -> NoisePlan:
@@ -87,21 +93,39 @@ class QueryPlan:
     def silos(self) -> tuple[str, ...]:
         return tuple(sorted({m.silo for m in self.measures}))
 
+    @property
+    def from_data(self) -> bool:
+        """Whether the group keys come from the data (a threshold release)."""
+        return any(m.threshold is not None for m in self.measures)
+
+    @property
+    def key_delta(self) -> Fraction:
+        """The delta data-dependent keys spend (0 for public key sets)."""
+        return sum((m.key_delta for m in self.measures), Fraction(0))
+
     def limits(self) -> list[ScopeLimit]:
+        """The rho scopes (what balances show and answer caching keys on)."""
         return [scope_limit(s) for s in self.scopes]
 
     def ledger_charges(self) -> list[ScopeCharge]:
-        """What the ledger reserves: each scope's cost for this query."""
-        return [ScopeCharge(scope_limit(s), self.charges[s.key]) for s in self.scopes]
+        """What the ledger reserves: each scope's rho and, for data-dependent keys, each scope's
+        key delta in its parallel ``#key_delta`` scope."""
+        charges = [ScopeCharge(scope_limit(s), self.charges[s.key]) for s in self.scopes]
+        if self.key_delta:
+            charges += [ScopeCharge(key_delta_limit(s), self.key_delta) for s in self.scopes]
+        return charges
 
     def silo_share(self, silo: str) -> dict[str, Fraction]:
         """The part of each scope's charge that pays for ``silo``'s measures (what cancelling
-        that silo's share gives back). The shares of all silos add up to ``charges``."""
+        that silo's share gives back). The shares of all silos add up to ``ledger_charges``."""
         share: dict[str, Fraction] = defaultdict(Fraction)
+        delta_keys = {s.key: s.delta_key for s in self.scopes}
         for m in self.measures:
             if m.silo == silo:
                 for scope in m.scopes:
                     share[scope] += m.rho
+                    if m.key_delta:
+                        share[delta_keys[scope]] += m.key_delta
         return dict(share)
 
 
@@ -109,20 +133,68 @@ def scope_limit(scope: BudgetScope) -> ScopeLimit:
     return ScopeLimit(scope=scope.key, period=scope.period, total=scope.total_rho)
 
 
+def key_delta_limit(scope: BudgetScope) -> ScopeLimit:
+    return ScopeLimit(scope=scope.delta_key, period=scope.period, total=scope.key_delta)
+
+
+def _plan_components(
+    parts: tuple[Component, ...], measure: MeasureForm
+) -> tuple[ComponentPlanning, ...]:
+    # A measure with several components (a mean's sum and count) splits its spend evenly.
+    spend = split_spend(measure.spend, len(parts)) if len(parts) > 1 else measure.spend
+    return tuple(
+        ComponentPlanning(part.name, part.unit, plan_noise(part.sensitivity, spend))
+        for part in parts
+    )
+
+
+def _plan_threshold(
+    bundle: Bundle, decision: Decision, measure: MeasureForm, part: Component
+) -> tuple[ComponentPlanning, ThresholdPlan, Fraction]:
+    """The threshold release of a count whose keys come from the data (validated: one count
+    measure with a rho spend), charged the rule's key_delta in every scope."""
+    grant = decision.grants[measure.id]
+    key_delta = grant.rule.key_delta
+    assert key_delta is not None and measure.spend.rho is not None  # policy and validation
+    short = [s.key for s in grant.scopes if s.key_delta < Fraction(key_delta)]
+    if short:
+        raise PolicyDenied(
+            f"budget scope '{short[0]}' allows no delta for group keys from the data "
+            f"(its budget's key_delta is below the rule's {key_delta})",
+            reason="PRIVACY_BUDGET_EXHAUSTED",
+            metadata={"scope": short[0], "rule": grant.rule_id, "key_delta": key_delta},
+        )
+    dataset = bundle.datasets[measure.dataset]
+    plan = plan_threshold(
+        key_distance(dataset, measure, part.sensitivity), measure.spend.rho, Fraction(key_delta)
+    )
+    noise = NoisePlan(
+        mechanism="discrete_gaussian",
+        sensitivity=part.sensitivity,
+        scale=plan.scale,
+        rho=plan.rho,
+        epsilon=0.0,
+        error95=plan.error95,
+    )
+    return ComponentPlanning(part.name, part.unit, noise), plan, Fraction(key_delta)
+
+
 def plan_query(bundle: Bundle, decision: Decision, query: QueryForm) -> QueryPlan:
     """Noise plans and charges; raises PolicyDenied when a measure exceeds its per-query cap."""
     measures = []
     charges: dict[str, Fraction] = defaultdict(Fraction)
+    from_data = data_dependent_keys(query, bundle)
     for measure in query.measures:
         grant = decision.grants[measure.id]
         dataset = bundle.datasets[measure.dataset]
         parts = components(dataset, measure, query.group_by)
-        # A measure with several components (a mean's sum and count) splits its spend evenly.
-        spend = split_spend(measure.spend, len(parts)) if len(parts) > 1 else measure.spend
-        planned = tuple(
-            ComponentPlanning(part.name, part.unit, plan_noise(part.sensitivity, spend))
-            for part in parts
-        )
+        threshold, key_delta = None, Fraction(0)
+        if from_data:
+            [part] = parts  # a count: validation admits nothing else
+            component, threshold, key_delta = _plan_threshold(bundle, decision, measure, part)
+            planned: tuple[ComponentPlanning, ...] = (component,)
+        else:
+            planned = _plan_components(parts, measure)
         rho = sum((c.noise.rho for c in planned), Fraction(0))
         cap = grant.rule.max_epsilon_per_query
         # In rho, and for an epsilon spend in epsilon too: a mean's two halves cost less rho than
@@ -151,6 +223,8 @@ def plan_query(bundle: Bundle, decision: Decision, query: QueryForm) -> QueryPla
                 grant.rule.min_group_size,
                 tuple(scope.key for scope in grant.scopes),
                 histogram_bins(dataset, measure) if measure.kind == "histogram" else (),
+                threshold,
+                key_delta,
             )
         )
         for scope in grant.scopes:

@@ -56,11 +56,12 @@ from gateway.server.limits import (
 from gateway.server.merge import merge_releases
 from gateway.server.messages import (
     balance_message,
+    exact_text,
     measure_plan_message,
     privacy_cost,
 )
 from gateway.server.metrics import GatewayMetrics
-from gateway.server.planning import QueryPlan, plan_query, scope_limit
+from gateway.server.planning import QueryPlan, key_delta_limit, plan_query, scope_limit
 from gateway.server.silos import SiloClients, SiloFailure
 from gateway.server.status import request_facts, rpc_boundary
 from gateway.settings import GatewayLimits
@@ -124,15 +125,20 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         return decision
 
     async def _balances(self, plan: QueryPlan, after: bool = False) -> list[Any]:
-        deltas = {s.key: s.delta for s in plan.scopes}
+        """Each scope's balance; for data-dependent keys, its key delta's too. ``after``: as if
+        this plan's charges were spent (what a preview shows)."""
+        # Key-delta balances are read only for a query that spends key delta.
+        delta_limits = [key_delta_limit(s) for s in plan.scopes if s.key_delta and plan.from_data]
+        balances = await asyncio.to_thread(self.ledger.balances, plan.limits() + delta_limits)
+        by_scope = {b.scope: b for b in balances}
         messages = []
-        for balance in await asyncio.to_thread(self.ledger.balances, plan.limits()):
-            shown = (
-                replace(balance, spent=balance.spent + plan.charges[balance.scope])
-                if after
-                else balance
-            )
-            messages.append(balance_message(shown, deltas[balance.scope]))
+        for scope in plan.scopes:
+            balance, key_delta = by_scope[scope.key], by_scope.get(scope.delta_key)
+            if after:
+                balance = replace(balance, spent=balance.spent + plan.charges[scope.key])
+                if key_delta is not None:
+                    key_delta = replace(key_delta, spent=key_delta.spent + plan.key_delta)
+            messages.append(balance_message(balance, scope.delta, key_delta))
         return messages
 
     # -- RPCs -------------------------------------------------------------------------------
@@ -284,7 +290,8 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         timeout = (
             self.silo_timeout if remaining is None else max(remaining - _DEADLINE_MARGIN, 0.05)
         )
-        keys = group_keys(query, bundle)
+        # Data-dependent keys: the silo's release lists them; else every public key, in order.
+        keys = [] if plan.from_data else group_keys(query, bundle)
         bins = {m.measure.id: m.cells_per_key for m in plan.measures if m.bins}
         requests = {
             silo: silo_service_pb2.ReleaseRequest(
@@ -298,7 +305,16 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
                         measure=next(
                             m for m in request.query.measures if m.id == planning.measure.id
                         ),
-                        cost=privacy_cost(planning.rho),
+                        cost=privacy_cost(planning.rho, key_delta=planning.key_delta),
+                        key_threshold=(
+                            silo_service_pb2.KeyThreshold(
+                                threshold=planning.threshold.threshold,
+                                delta=exact_text(planning.key_delta),
+                                max_keys=self.limits.max_groups,
+                            )
+                            if planning.threshold
+                            else None
+                        ),
                         components=[
                             silo_service_pb2.NoiseComponent(
                                 name=c.name,
@@ -400,13 +416,18 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         plan: QueryPlan,
         releases: dict[str, Any],
     ) -> query_service_pb2.RunQueryResponse:
-        groups = merge_releases(plan, group_keys(query, bundle), releases, bundle)
+        keys = (
+            [tuple(key.values) for key in releases[plan.measures[0].measure.id].keys]
+            if plan.from_data
+            else group_keys(query, bundle)
+        )
+        groups = merge_releases(plan, keys, releases, bundle)
         return query_service_pb2.RunQueryResponse(
             request_id=request.request_id,
             group_by=query.group_by,
             groups=groups,
             measures=[measure_plan_message(m) for m in plan.measures],
-            cost=privacy_cost(plan.total_rho),
+            cost=privacy_cost(plan.total_rho, key_delta=plan.key_delta),
             policy_version=bundle.version,
             deciding_rules=decision.deciding_rules,
         )
@@ -455,7 +476,7 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
                     decision=query_service_pb2.DECISION_PERMIT,
                     deciding_rules=decision.deciding_rules,
                     measures=[measure_plan_message(m) for m in plan.measures],
-                    cost=privacy_cost(plan.total_rho),
+                    cost=privacy_cost(plan.total_rho, key_delta=plan.key_delta),
                     budget_after=await self._balances(plan, after=True),
                     would_be_cached=(key := self._cache_key(bundle, query, plan)) is not None
                     and await asyncio.to_thread(self.ledger.cached_answer, consumer, key)
@@ -482,11 +503,19 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             if rule.applies_to_dataset(name)
             for scope in scope_keys(bundle, consumer, rule_id, name)
         }
+        delta_scopes = {s.delta_key: s for s in scopes.values() if s.key_delta}
         balances = await asyncio.to_thread(
-            self.ledger.balances, [scope_limit(s) for s in scopes.values()]
+            self.ledger.balances,
+            [scope_limit(s) for s in scopes.values()]
+            + [key_delta_limit(s) for s in delta_scopes.values()],
         )
+        key_deltas = {delta_scopes[b.scope].key: b for b in balances if b.scope in delta_scopes}
         return query_service_pb2.GetBudgetResponse(
-            balances=[balance_message(b, scopes[b.scope].delta) for b in balances]
+            balances=[
+                balance_message(b, scopes[b.scope].delta, key_deltas.get(b.scope))
+                for b in balances
+                if b.scope in scopes
+            ]
         )
 
     @rpc_boundary

@@ -201,6 +201,23 @@ def _component_problem(
     return None
 
 
+def _released_keys_problem(
+    plan: silo_service_pb2.ReleasePlan, release: silo_service_pb2.MeasureRelease, columns: int
+) -> str | None:
+    """Data-dependent keys: one value per group-by column, each key once, at most max_keys."""
+    where = f"measure '{release.measure_id}'"
+    if len(release.keys) > plan.key_threshold.max_keys:
+        return f"{where} released {len(release.keys)} keys, at most {plan.key_threshold.max_keys}"
+    if any(len(key.values) != columns for key in release.keys):
+        return f"{where} has a key without exactly {columns} values"
+    if len({tuple(key.values) for key in release.keys}) != len(release.keys):
+        return f"{where} released a key twice"
+    threshold = plan.key_threshold.threshold
+    if any(v <= threshold for component in release.components for v in component.values):
+        return f"{where} released a key whose noisy count is not above the threshold {threshold}"
+    return None
+
+
 def release_problem(
     silo: str,
     request: silo_service_pb2.ReleaseRequest,
@@ -224,10 +241,19 @@ def release_problem(
         got = [c.name for c in release.components]
         if got != names:
             return f"measure '{release.measure_id}' has components {got}, planned {names}"
-        expected = _expected_values(plan, len(keys), bins or {})
+        if plan.HasField("key_threshold"):
+            problem = _released_keys_problem(plan, release, len(request.group_by))
+            if problem is not None:
+                return problem
+            groups = len(release.keys)
+        elif release.keys:
+            return f"measure '{release.measure_id}' lists group keys, but its keys are public"
+        else:
+            groups = len(keys)
+        expected = _expected_values(plan, groups, bins or {})
         for component, released_component in zip(plan.components, release.components, strict=True):
             problem = _component_problem(
-                release.measure_id, component, released_component, expected, len(keys)
+                release.measure_id, component, released_component, expected, groups
             )
             if problem is not None:
                 return problem

@@ -34,6 +34,9 @@ class SiloCaps:
                 continue
             limits[scope.key] = ScopeLimit(scope.key, scope.period, scope.total_rho)
             costs[scope.key] += m.rho
+            if m.threshold is not None:  # keys from the data also spend the cap's key_delta
+                limits[scope.delta_key] = ScopeLimit(scope.delta_key, scope.period, scope.key_delta)
+                costs[scope.delta_key] += m.threshold.delta
         return [ScopeCharge(limits[key], cost) for key, cost in sorted(costs.items())]
 
     def reserve(

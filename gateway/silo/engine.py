@@ -68,7 +68,7 @@ def excess_fingerprint(dataset: Dataset) -> str:
         dataset.privacy_unit,
         dataset.max_rows_per_person,
         dataset.max_groups_per_person,
-        sorted((name, column.key_set is not None) for name, column in dataset.columns.items()),
+        sorted((name, column.type == "category") for name, column in dataset.columns.items()),
     )
     return hashlib.sha256(repr(shape).encode()).hexdigest()[:16]
 

@@ -109,7 +109,8 @@ def values_digest(releases: Sequence[silo_service_pb2.MeasureRelease]) -> str:
     The hashed bytes are the RFC 8785 JSON of ``[{"measure": id, "components": [{"name": name,
     "values": "v1,v2,..."}, ...]}, ...]`` with each value in decimal (a minus sign, no leading
     zeros): text, because a 64-bit value need not be an exact JSON number. The measure ids and
-    component names are in it so that values cannot move between measures unnoticed.
+    component names are in it so that values cannot move between measures unnoticed. A release
+    of data-dependent group keys adds ``"keys": [[v, ...], ...]``, the keys in value order.
     """
     document = [
         {
@@ -118,6 +119,7 @@ def values_digest(releases: Sequence[silo_service_pb2.MeasureRelease]) -> str:
                 {"name": component.name, "values": ",".join(map(str, component.values))}
                 for component in release.components
             ],
+            **({"keys": [list(key.values) for key in release.keys]} if release.keys else {}),
         }
         for release in releases
     ]

@@ -19,7 +19,7 @@ from gateway.crypto.dev_ca import peer_identities
 from gateway.errors import InvalidQuery, PolicyDenied, ReleaseRefused
 from gateway.policy.decision import decide
 from gateway.policy.holder import PolicyHolder
-from gateway.policy.model import Bundle
+from gateway.policy.model import Bundle, Rule
 from gateway.query.form import QueryForm, parse_query
 from gateway.query.validate import group_keys, validate_against_policy
 from gateway.server.status import request_facts, rpc_boundary
@@ -117,7 +117,13 @@ class SiloServicer(silo_service_pb2_grpc.SiloServiceServicer):
             )
         # Every plan is checked before any SQL runs: one bad plan refuses the whole release.
         checked = [
-            check_plan(plan, measure, bundle.datasets[measure.dataset], query.group_by)
+            check_plan(
+                plan,
+                measure,
+                bundle.datasets[measure.dataset],
+                query.group_by,
+                key_delta=_key_delta(decision.grants[measure.id].rule),
+            )
             for plan, measure in zip(request.plans, query.measures, strict=True)
         ]
         charges = self.caps.charges(bundle, checked)
@@ -141,7 +147,8 @@ class SiloServicer(silo_service_pb2_grpc.SiloServiceServicer):
         bundle: Bundle,
         checked: list[CheckedMeasure],
     ) -> silo_service_pb2.ReleaseResponse:
-        keys = group_keys(query, bundle)
+        # Keys from the data: the threshold release finds them (group_keys lists public ones).
+        keys = [] if any(m.threshold for m in checked) else group_keys(query, bundle)
         releases = [
             await release_measure(
                 measure,
@@ -173,3 +180,10 @@ class SiloServicer(silo_service_pb2_grpc.SiloServiceServicer):
             ),
         )
         return silo_service_pb2.ReleaseResponse(releases=releases, receipt=receipt)
+
+
+def _key_delta(rule: Rule) -> Fraction | None:
+    """The delta per release the rule allows for keys from the data; None when it allows none."""
+    if not rule.allow_data_dependent_keys or rule.key_delta is None:
+        return None
+    return Fraction(rule.key_delta)

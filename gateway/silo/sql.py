@@ -296,7 +296,7 @@ def _aggregate(
 def _declared(dataset: Dataset) -> tuple[list[str], list[str]]:
     """The dataset's declared columns and its category columns, sorted, quoted."""
     names = sorted(dataset.columns)
-    categories = [n for n in names if dataset.columns[n].key_set is not None]
+    categories = [n for n in names if dataset.columns[n].type == "category"]
     return [quote(n) for n in names], [quote(n) for n in categories]
 
 

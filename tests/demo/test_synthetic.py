@@ -105,6 +105,7 @@ EXPECTED_COLUMNS: dict[str, dict[str, list[tuple[str, str]]]] = {
             ("opened", "DATE"),
             ("closed", "DATE"),
             ("days_to_close", "INTEGER"),
+            ("handler", "VARCHAR"),
         ],
     },
 }

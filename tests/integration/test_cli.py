@@ -58,6 +58,7 @@ def test_budget_and_datasets(system, tmp_path: Path, capsys) -> None:
     scopes = {b["scope"] for b in json.loads(capsys.readouterr().out)}
     assert scopes == {
         "consumer:grid-centre/rule:grid-casework/lifetime",
+        "consumer:grid-centre/rule:grid-handler-workload/lifetime",
         "population:city-residents/lifetime",
     }
     assert main(["datasets", "--client", client]) == 0

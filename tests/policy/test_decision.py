@@ -30,6 +30,7 @@ POPULATION_SCOPE = BudgetScope(
     total_rho=Fraction(800),  # epsilon 40
     period="lifetime",
     delta=Fraction(0),
+    key_delta=Fraction(1, 10**6),
 )
 
 
@@ -190,6 +191,7 @@ def test_measure_kind_not_granted(demo_bundle: Bundle) -> None:
     assert not decision.permitted
     assert decision.reasons == (
         "measure 'm': rule 'grid-casework': measure 'count_persons' is not granted",
+        "measure 'm': rule 'grid-handler-workload': measure 'count_persons' is not granted",
     )
 
 

@@ -40,7 +40,7 @@ def test_demo_bundle_has_no_warnings(cli: Any, demo_bundle: Bundle) -> None:
     run = cli("policy", "check", DEMO_BUNDLE)
     assert run.code == 0
     assert run.out == (
-        f"ok: 7 datasets, 4 consumers, 9 rules; policy version {demo_bundle.version}\n"
+        f"ok: 7 datasets, 4 consumers, 10 rules; policy version {demo_bundle.version}\n"
     )
     assert run.err == ""
 
@@ -69,7 +69,7 @@ def test_each_warning_points_at_its_setting(
         "repeated queries can leak without bound",
         f"{locate(rules, 'min_group_size: 0', '0')}: warning: rule 'health-home-care' grants "
         "counts with min_group_size 0; small groups are released unsuppressed",
-        f"ok: 7 datasets, 4 consumers, 9 rules; policy version {version}",
+        f"ok: 7 datasets, 4 consumers, 10 rules; policy version {version}",
         "5 warning(s)",
     ]
 

@@ -117,6 +117,7 @@ def test_every_clause_is_evaluated_not_only_up_to_the_first_failure(demo_bundle:
     # The reason names only the first failing clause of the candidate rule.
     assert decision.reasons == (
         "measure 'm': rule 'grid-casework': measure 'count_persons' is not granted",
+        "measure 'm': rule 'grid-handler-workload': measure 'count_persons' is not granted",
     )
     assert decision.reason_code == "POLICY_DENIED" and decision.deciding_rules == ()
 

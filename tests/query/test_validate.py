@@ -139,16 +139,11 @@ def test_filter_on_an_undeclared_column(demo_bundle: Bundle) -> None:
 
 
 @pytest.mark.parametrize("column", ["birth_year", "low_income", "no_such_column"])
-def test_group_by_column_not_bound_to_a_key_set(demo_bundle: Bundle, column: str) -> None:
+def test_group_by_column_that_is_not_a_category(demo_bundle: Bundle, column: str) -> None:
     form = query(count("a", "civil.residents", epsilon="1"), group_by=(column,))
     assert violations(form, demo_bundle) == (
         "INVALID_QUERY",
-        [
-            (
-                "query.group_by",
-                f"'{column}' is not a column of 'civil.residents' bound to a public key set",
-            )
-        ],
+        [("query.group_by", f"'{column}' is not a category column of 'civil.residents'")],
     )
 
 
@@ -159,7 +154,7 @@ def test_group_by_must_exist_in_every_measured_dataset(demo_bundle: Bundle) -> N
         group_by=("street",),  # civil.residents has it, org.members does not
     )
     assert violations(form, demo_bundle)[1] == [
-        ("query.group_by", "'street' is not a column of 'org.members' bound to a public key set")
+        ("query.group_by", "'street' is not a category column of 'org.members'")
     ]
 
 
@@ -181,8 +176,8 @@ def test_group_by_bound_to_different_key_sets_cannot_be_merged(demo_bundle: Bund
     assert violations(form, bundle)[1] == [
         (
             "query.group_by",
-            "'community' is bound to key set 'communities' in one dataset and 'streets' in "
-            "'civil.other'; measures cannot be merged",
+            "'community' takes its keys from key set 'communities' in one dataset and from key "
+            "set 'streets' in 'civil.other'; measures cannot be merged",
         )
     ]
 

@@ -318,8 +318,9 @@ class Query(_message.Message):
 
     @_builtins.property
     def group_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Columns to group by; each must be bound to a public key set in every measure's dataset.
-        Every key of the key set is returned, zero counts included.
+        """Columns to group by. Bound to a public key set: every key of the key set is returned, zero
+        counts included. A column without one (an open category) takes its keys from the data:
+        only keys whose noisy count is above a DP threshold are returned, where a rule allows it.
         """
 
     def __init__(
@@ -347,6 +348,7 @@ class PrivacyCost(_message.Message):
     RHO_VALUE_FIELD_NUMBER: _builtins.int
     EPSILON_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
+    KEY_DELTA_FIELD_NUMBER: _builtins.int
     rho: _builtins.str
     """Exact rho as a rational "p/q" or integer string."""
     rho_value: _builtins.float
@@ -355,6 +357,11 @@ class PrivacyCost(_message.Message):
     """Epsilon at `delta` (pure DP epsilon when delta is 0 and the mechanism is pure)."""
     delta: _builtins.float
     """The delta at which `epsilon` holds."""
+    key_delta: _builtins.str
+    """Delta spent by data-dependent group keys (their threshold release is (rho, key_delta)-
+    approximate zCDP), exact as "p/q" or an integer string; empty when none was spent. The
+    guarantee is then epsilon at delta + key_delta.
+    """
     def __init__(
         self,
         *,
@@ -362,10 +369,11 @@ class PrivacyCost(_message.Message):
         rho_value: _builtins.float = ...,
         epsilon: _builtins.float = ...,
         delta: _builtins.float = ...,
+        key_delta: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "epsilon", b"epsilon", "rho", b"rho", "rho_value", b"rho_value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "epsilon", b"epsilon", "key_delta", b"key_delta", "rho", b"rho", "rho_value", b"rho_value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,39 +25,41 @@ _sym_db = _symbol_database.Default()
 from gateway.api.v1 import query_pb2 as gateway_dot_api_dot_v1_dot_query__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"gateway/api/v1/query_service.proto\x12\x0egateway.api.v1\x1a\x1agateway/api/v1/query.proto\"K\n\x0fRunQueryRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05query\x18\x02 \x01(\x0b\x32\x15.gateway.api.v1.Query\"\xe9\x01\n\rBudgetBalance\x12\r\n\x05scope\x18\x01 \x01(\t\x12*\n\x05total\x18\x02 \x01(\x0b\x32\x1b.gateway.api.v1.PrivacyCost\x12*\n\x05spent\x18\x03 \x01(\x0b\x32\x1b.gateway.api.v1.PrivacyCost\x12-\n\x08reserved\x18\x04 \x01(\x0b\x32\x1b.gateway.api.v1.PrivacyCost\x12.\n\tremaining\x18\x05 \x01(\x0b\x32\x1b.gateway.api.v1.PrivacyCost\x12\x12\n\nperiod_end\x18\x06 \x01(\t\"\xbd\x01\n\x0bMeasurePlan\x12\x12\n\nmeasure_id\x18\x01 \x01(\t\x12\x0c\n\x04silo\x18\x02 \x01(\t\x12,\n\tmechanism\x18\x03 \x01(\x0e\x32\x19.gateway.api.v1.Mechanism\x12\r\n\x05scale\x18\x04 \x01(\x01\x12\x13\n\x0bsensitivity\x18\x05 \x01(\x01\x12\x0f\n\x07\x65rror95\x18\x06 \x01(\x01\x12)\n\x04\x63ost\x18\x07 \x01(\x0b\x32\x1b.gateway.api.v1.PrivacyCost\"\xcb\x02\n\x10RunQueryResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08group_by\x18\x02 \x03(\t\x12+\n\x06groups\x18\x03 \x03(\x0b\x32\x1b.gateway.api.v1.GroupResult\x12-\n\x08measures\x18\x04 \x03(\x0b\x32\x1b.gateway.api.v1.MeasurePlan\x12)\n\x04\x63ost\x18\x05 \x01(\x0b\x32\x1b.gateway.api.v1.PrivacyCost\x12\x32\n\x0b\x62udget_left\x18\x06 \x03(\x0b\x32\x1d.gateway.api.v1.BudgetBalance\x12\x16\n\x0epolicy_version\x18\x07 \x01(\t\x12\x16\n\x0e\x61udit_sequence\x18\x08 \x01(\x04\x12\x0e\n\x06\x63\x61\x63hed\x18\t \x01(\x08\x12\x16\n\x0e\x64\x65\x63iding_rules\x18\n \x03(\t\";\n\x13\x45xplainQueryRequest\x12$\n\x05query\x18\x01 \x01(\x0b\x32\x15.gateway.api.v1.Query\"\xab\x02\n\x14\x45xplainQueryResponse\x12*\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x18.gateway.api.v1.Decision\x12\x16\n\x0e\x64\x65\x63iding_rules\x18\x02 \x03(\t\x12\x0f\n\x07reasons\x18\x03 \x03(\t\x12-\n\x08measures\x18\x04 \x03(\x0b\x32\x1b.gateway.api.v1.MeasurePlan\x12)\n\x04\x63ost\x18\x05 \x01(\x0b\x32\x1b.gateway.api.v1.PrivacyCost\x12\x33\n\x0c\x62udget_after\x18\x06 \x03(\x0b\x32\x1d.gateway.api.v1.BudgetBalance\x12\x17\n\x0fwould_be_cached\x18\x07 \x01(\x08\x12\x16\n\x0epolicy_version\x18\x08 \x01(\t\"\x12\n\x10GetBudgetRequest\"D\n\x11GetBudgetResponse\x12/\n\x08\x62\x61lances\x18\x01 \x03(\x0b\x32\x1d.gateway.api.v1.BudgetBalance\"<\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"`\n\nColumnInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07key_set\x18\x03 \x01(\t\x12\x11\n\tgroupable\x18\x04 \x01(\x08\x12\x12\n\nfilterable\x18\x05 \x01(\x08\"\xab\x01\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04silo\x18\x02 \x01(\t\x12\x12\n\npopulation\x18\x03 \x01(\t\x12+\n\x07\x63olumns\x18\x04 \x03(\x0b\x32\x1a.gateway.api.v1.ColumnInfo\x12-\n\x08measures\x18\x05 \x03(\x0e\x32\x1b.gateway.api.v1.MeasureKind\x12\x10\n\x08purposes\x18\x06 \x03(\t\"^\n\x14ListDatasetsResponse\x12-\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x1b.gateway.api.v1.DatasetInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*L\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45\x43ISION_PERMIT\x10\x01\x12\x11\n\rDECISION_DENY\x10\x02\x32\xe5\x02\n\x0cQueryService\x12M\n\x08RunQuery\x12\x1f.gateway.api.v1.RunQueryRequest\x1a .gateway.api.v1.RunQueryResponse\x12Y\n\x0c\x45xplainQuery\x12#.gateway.api.v1.ExplainQueryRequest\x1a$.gateway.api.v1.ExplainQueryResponse\x12P\n\tGetBudget\x12 .gateway.api.v1.GetBudgetRequest\x1a!.gateway.api.v1.GetBudgetResponse\x12Y\n\x0cListDatasets\x12#.gateway.api.v1.ListDatasetsRequest\x1a$.gateway.api.v1.ListDatasetsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"gateway/api/v1/query_service.proto\x12\x0egateway.api.v1\x1a\x1agateway/api/v1/query.proto\"K\n\x0fRunQueryRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05query\x18\x02 \x01(\x0b\x32\x15.gateway.api.v1.Query\"\x9d\x02\n\rBudgetBalance\x12\r\n\x05scope\x18\x01 \x01(\t\x12*\n\x05total\x18\x02 \x01(\x0b\x32\x1b.gateway.api.v1.PrivacyCost\x12*\n\x05spent\x18\x03 \x01(\x0b\x32\x1b.gateway.api.v1.PrivacyCost\x12-\n\x08reserved\x18\x04 \x01(\x0b\x32\x1b.gateway.api.v1.PrivacyCost\x12.\n\tremaining\x18\x05 \x01(\x0b\x32\x1b.gateway.api.v1.PrivacyCost\x12\x12\n\nperiod_end\x18\x06 \x01(\t\x12\x32\n\tkey_delta\x18\x07 \x01(\x0b\x32\x1f.gateway.api.v1.KeyDeltaBalance\"T\n\x0fKeyDeltaBalance\x12\r\n\x05total\x18\x01 \x01(\t\x12\r\n\x05spent\x18\x02 \x01(\t\x12\x10\n\x08reserved\x18\x03 \x01(\t\x12\x11\n\tremaining\x18\x04 \x01(\t\"\xd4\x01\n\x0bMeasurePlan\x12\x12\n\nmeasure_id\x18\x01 \x01(\t\x12\x0c\n\x04silo\x18\x02 \x01(\t\x12,\n\tmechanism\x18\x03 \x01(\x0e\x32\x19.gateway.api.v1.Mechanism\x12\r\n\x05scale\x18\x04 \x01(\x01\x12\x13\n\x0bsensitivity\x18\x05 \x01(\x01\x12\x0f\n\x07\x65rror95\x18\x06 \x01(\x01\x12)\n\x04\x63ost\x18\x07 \x01(\x0b\x32\x1b.gateway.api.v1.PrivacyCost\x12\x15\n\rkey_threshold\x18\x08 \x01(\x03\"\xcb\x02\n\x10RunQueryResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08group_by\x18\x02 \x03(\t\x12+\n\x06groups\x18\x03 \x03(\x0b\x32\x1b.gateway.api.v1.GroupResult\x12-\n\x08measures\x18\x04 \x03(\x0b\x32\x1b.gateway.api.v1.MeasurePlan\x12)\n\x04\x63ost\x18\x05 \x01(\x0b\x32\x1b.gateway.api.v1.PrivacyCost\x12\x32\n\x0b\x62udget_left\x18\x06 \x03(\x0b\x32\x1d.gateway.api.v1.BudgetBalance\x12\x16\n\x0epolicy_version\x18\x07 \x01(\t\x12\x16\n\x0e\x61udit_sequence\x18\x08 \x01(\x04\x12\x0e\n\x06\x63\x61\x63hed\x18\t \x01(\x08\x12\x16\n\x0e\x64\x65\x63iding_rules\x18\n \x03(\t\";\n\x13\x45xplainQueryRequest\x12$\n\x05query\x18\x01 \x01(\x0b\x32\x15.gateway.api.v1.Query\"\xab\x02\n\x14\x45xplainQueryResponse\x12*\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x18.gateway.api.v1.Decision\x12\x16\n\x0e\x64\x65\x63iding_rules\x18\x02 \x03(\t\x12\x0f\n\x07reasons\x18\x03 \x03(\t\x12-\n\x08measures\x18\x04 \x03(\x0b\x32\x1b.gateway.api.v1.MeasurePlan\x12)\n\x04\x63ost\x18\x05 \x01(\x0b\x32\x1b.gateway.api.v1.PrivacyCost\x12\x33\n\x0c\x62udget_after\x18\x06 \x03(\x0b\x32\x1d.gateway.api.v1.BudgetBalance\x12\x17\n\x0fwould_be_cached\x18\x07 \x01(\x08\x12\x16\n\x0epolicy_version\x18\x08 \x01(\t\"\x12\n\x10GetBudgetRequest\"D\n\x11GetBudgetResponse\x12/\n\x08\x62\x61lances\x18\x01 \x03(\x0b\x32\x1d.gateway.api.v1.BudgetBalance\"<\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"`\n\nColumnInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07key_set\x18\x03 \x01(\t\x12\x11\n\tgroupable\x18\x04 \x01(\x08\x12\x12\n\nfilterable\x18\x05 \x01(\x08\"\xab\x01\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04silo\x18\x02 \x01(\t\x12\x12\n\npopulation\x18\x03 \x01(\t\x12+\n\x07\x63olumns\x18\x04 \x03(\x0b\x32\x1a.gateway.api.v1.ColumnInfo\x12-\n\x08measures\x18\x05 \x03(\x0e\x32\x1b.gateway.api.v1.MeasureKind\x12\x10\n\x08purposes\x18\x06 \x03(\t\"^\n\x14ListDatasetsResponse\x12-\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x1b.gateway.api.v1.DatasetInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*L\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45\x43ISION_PERMIT\x10\x01\x12\x11\n\rDECISION_DENY\x10\x02\x32\xe5\x02\n\x0cQueryService\x12M\n\x08RunQuery\x12\x1f.gateway.api.v1.RunQueryRequest\x1a .gateway.api.v1.RunQueryResponse\x12Y\n\x0c\x45xplainQuery\x12#.gateway.api.v1.ExplainQueryRequest\x1a$.gateway.api.v1.ExplainQueryResponse\x12P\n\tGetBudget\x12 .gateway.api.v1.GetBudgetRequest\x1a!.gateway.api.v1.GetBudgetResponse\x12Y\n\x0cListDatasets\x12#.gateway.api.v1.ListDatasetsRequest\x1a$.gateway.api.v1.ListDatasetsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gateway.api.v1.query_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DECISION']._serialized_start=1804
-  _globals['_DECISION']._serialized_end=1880
+  _globals['_DECISION']._serialized_start=1965
+  _globals['_DECISION']._serialized_end=2041
   _globals['_RUNQUERYREQUEST']._serialized_start=82
   _globals['_RUNQUERYREQUEST']._serialized_end=157
   _globals['_BUDGETBALANCE']._serialized_start=160
-  _globals['_BUDGETBALANCE']._serialized_end=393
-  _globals['_MEASUREPLAN']._serialized_start=396
-  _globals['_MEASUREPLAN']._serialized_end=585
-  _globals['_RUNQUERYRESPONSE']._serialized_start=588
-  _globals['_RUNQUERYRESPONSE']._serialized_end=919
-  _globals['_EXPLAINQUERYREQUEST']._serialized_start=921
-  _globals['_EXPLAINQUERYREQUEST']._serialized_end=980
-  _globals['_EXPLAINQUERYRESPONSE']._serialized_start=983
-  _globals['_EXPLAINQUERYRESPONSE']._serialized_end=1282
-  _globals['_GETBUDGETREQUEST']._serialized_start=1284
-  _globals['_GETBUDGETREQUEST']._serialized_end=1302
-  _globals['_GETBUDGETRESPONSE']._serialized_start=1304
-  _globals['_GETBUDGETRESPONSE']._serialized_end=1372
-  _globals['_LISTDATASETSREQUEST']._serialized_start=1374
-  _globals['_LISTDATASETSREQUEST']._serialized_end=1434
-  _globals['_COLUMNINFO']._serialized_start=1436
-  _globals['_COLUMNINFO']._serialized_end=1532
-  _globals['_DATASETINFO']._serialized_start=1535
-  _globals['_DATASETINFO']._serialized_end=1706
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=1708
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=1802
-  _globals['_QUERYSERVICE']._serialized_start=1883
-  _globals['_QUERYSERVICE']._serialized_end=2240
+  _globals['_BUDGETBALANCE']._serialized_end=445
+  _globals['_KEYDELTABALANCE']._serialized_start=447
+  _globals['_KEYDELTABALANCE']._serialized_end=531
+  _globals['_MEASUREPLAN']._serialized_start=534
+  _globals['_MEASUREPLAN']._serialized_end=746
+  _globals['_RUNQUERYRESPONSE']._serialized_start=749
+  _globals['_RUNQUERYRESPONSE']._serialized_end=1080
+  _globals['_EXPLAINQUERYREQUEST']._serialized_start=1082
+  _globals['_EXPLAINQUERYREQUEST']._serialized_end=1141
+  _globals['_EXPLAINQUERYRESPONSE']._serialized_start=1144
+  _globals['_EXPLAINQUERYRESPONSE']._serialized_end=1443
+  _globals['_GETBUDGETREQUEST']._serialized_start=1445
+  _globals['_GETBUDGETREQUEST']._serialized_end=1463
+  _globals['_GETBUDGETRESPONSE']._serialized_start=1465
+  _globals['_GETBUDGETRESPONSE']._serialized_end=1533
+  _globals['_LISTDATASETSREQUEST']._serialized_start=1535
+  _globals['_LISTDATASETSREQUEST']._serialized_end=1595
+  _globals['_COLUMNINFO']._serialized_start=1597
+  _globals['_COLUMNINFO']._serialized_end=1693
+  _globals['_DATASETINFO']._serialized_start=1696
+  _globals['_DATASETINFO']._serialized_end=1867
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=1869
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=1963
+  _globals['_QUERYSERVICE']._serialized_start=2044
+  _globals['_QUERYSERVICE']._serialized_end=2401
 # @@protoc_insertion_point(module_scope)

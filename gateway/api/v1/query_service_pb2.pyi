@@ -86,6 +86,7 @@ class BudgetBalance(_message.Message):
     RESERVED_FIELD_NUMBER: _builtins.int
     REMAINING_FIELD_NUMBER: _builtins.int
     PERIOD_END_FIELD_NUMBER: _builtins.int
+    KEY_DELTA_FIELD_NUMBER: _builtins.int
     scope: _builtins.str
     """Scope name, e.g. "consumer:civil-affairs/rule:civil-planning/lifetime"."""
     period_end: _builtins.str
@@ -106,6 +107,12 @@ class BudgetBalance(_message.Message):
     def remaining(self) -> _query_pb2.PrivacyCost:
         """total - spent - reserved."""
 
+    @_builtins.property
+    def key_delta(self) -> Global___KeyDeltaBalance:
+        """The delta that data-dependent group keys may spend in this scope (its budget's key_delta);
+        unset where the answer does not involve such keys or the scope allows none.
+        """
+
     def __init__(
         self,
         *,
@@ -115,14 +122,49 @@ class BudgetBalance(_message.Message):
         reserved: _query_pb2.PrivacyCost | None = ...,
         remaining: _query_pb2.PrivacyCost | None = ...,
         period_end: _builtins.str = ...,
+        key_delta: Global___KeyDeltaBalance | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["remaining", b"remaining", "reserved", b"reserved", "spent", b"spent", "total", b"total"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key_delta", b"key_delta", "remaining", b"remaining", "reserved", b"reserved", "spent", b"spent", "total", b"total"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["period_end", b"period_end", "remaining", b"remaining", "reserved", b"reserved", "scope", b"scope", "spent", b"spent", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_delta", b"key_delta", "period_end", b"period_end", "remaining", b"remaining", "reserved", b"reserved", "scope", b"scope", "spent", b"spent", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BudgetBalance: _TypeAlias = BudgetBalance  # noqa: Y015
+
+@_typing.final
+class KeyDeltaBalance(_message.Message):
+    """A scope's delta for data-dependent group keys, each exact as "p/q" or an integer string."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOTAL_FIELD_NUMBER: _builtins.int
+    SPENT_FIELD_NUMBER: _builtins.int
+    RESERVED_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    total: _builtins.str
+    """The scope's key_delta for the period."""
+    spent: _builtins.str
+    """Spent so far (committed releases)."""
+    reserved: _builtins.str
+    """Reserved by queries in flight."""
+    remaining: _builtins.str
+    """total - spent - reserved."""
+    def __init__(
+        self,
+        *,
+        total: _builtins.str = ...,
+        spent: _builtins.str = ...,
+        reserved: _builtins.str = ...,
+        remaining: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["remaining", b"remaining", "reserved", b"reserved", "spent", b"spent", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyDeltaBalance: _TypeAlias = KeyDeltaBalance  # noqa: Y015
 
 @_typing.final
 class MeasurePlan(_message.Message):
@@ -137,6 +179,7 @@ class MeasurePlan(_message.Message):
     SENSITIVITY_FIELD_NUMBER: _builtins.int
     ERROR95_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
+    KEY_THRESHOLD_FIELD_NUMBER: _builtins.int
     measure_id: _builtins.str
     """The measure id from the query."""
     silo: _builtins.str
@@ -149,6 +192,10 @@ class MeasurePlan(_message.Message):
     """Sensitivity the scale was derived from (in the same units)."""
     error95: _builtins.float
     """Expected 95% error half-width of each released value."""
+    key_threshold: _builtins.int
+    """Data-dependent group keys only: a key is released when its noisy count is above this
+    threshold (0 for public key sets, where every key is released).
+    """
     @_builtins.property
     def cost(self) -> _query_pb2.PrivacyCost:
         """Cost of this measure."""
@@ -163,10 +210,11 @@ class MeasurePlan(_message.Message):
         sensitivity: _builtins.float = ...,
         error95: _builtins.float = ...,
         cost: _query_pb2.PrivacyCost | None = ...,
+        key_threshold: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "error95", b"error95", "measure_id", b"measure_id", "mechanism", b"mechanism", "scale", b"scale", "sensitivity", b"sensitivity", "silo", b"silo"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "error95", b"error95", "key_threshold", b"key_threshold", "measure_id", b"measure_id", "mechanism", b"mechanism", "scale", b"scale", "sensitivity", b"sensitivity", "silo", b"silo"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -409,7 +457,9 @@ class ColumnInfo(_message.Message):
     type: _builtins.str
     """Declared type: "category", "int", "decimal", "bool" or "date"."""
     key_set: _builtins.str
-    """For category columns: the public key set it is bound to."""
+    """For category columns: the public key set it is bound to; empty for an open category, whose
+    keys come from the data (released above a DP threshold where a rule allows it).
+    """
     groupable: _builtins.bool
     """Whether the caller may group by this column."""
     filterable: _builtins.bool

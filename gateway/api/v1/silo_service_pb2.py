@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from gateway.api.v1 import query_pb2 as gateway_dot_api_dot_v1_dot_query__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!gateway/api/v1/silo_service.proto\x12\x0egateway.api.v1\x1a\x1agateway/api/v1/query.proto\"h\n\x0eNoiseComponent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\tmechanism\x18\x02 \x01(\x0e\x32\x19.gateway.api.v1.Mechanism\x12\r\n\x05scale\x18\x03 \x01(\x01\x12\x0b\n\x03rho\x18\x04 \x01(\t\"\xb4\x01\n\x0bReleasePlan\x12(\n\x07measure\x18\x01 \x01(\x0b\x32\x17.gateway.api.v1.Measure\x12)\n\x04\x63ost\x18\x04 \x01(\x0b\x32\x1b.gateway.api.v1.PrivacyCost\x12\x32\n\ncomponents\x18\x05 \x03(\x0b\x32\x1e.gateway.api.v1.NoiseComponentJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04R\tmechanismR\x05scale\"\x9d\x01\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x63onsumer\x18\x02 \x01(\t\x12\x0f\n\x07purpose\x18\x03 \x01(\t\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\x12\x10\n\x08group_by\x18\x05 \x03(\t\x12*\n\x05plans\x18\x06 \x03(\x0b\x32\x1b.gateway.api.v1.ReleasePlan\"m\n\x10\x43omponentRelease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x12\x12,\n\tmechanism\x18\x03 \x01(\x0e\x32\x19.gateway.api.v1.Mechanism\x12\r\n\x05scale\x18\x04 \x01(\x01\"u\n\x0eMeasureRelease\x12\x12\n\nmeasure_id\x18\x01 \x01(\t\x12\x34\n\ncomponents\x18\x04 \x03(\x0b\x32 .gateway.api.v1.ComponentReleaseJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04R\x06groupsR\x05scale\"\xc6\x01\n\x0eReleaseReceipt\x12\x0c\n\x04silo\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x13\n\x0breleased_at\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x14\n\x0cquery_digest\x18\x06 \x01(\t\x12\x10\n\x08\x64\x61tasets\x18\x07 \x03(\t\x12\x0b\n\x03rho\x18\x08 \x01(\t\x12\x15\n\rvalues_digest\x18\t \x01(\t\x12\x0e\n\x06key_id\x18\n \x01(\t\"t\n\x0fReleaseResponse\x12\x30\n\x08releases\x18\x01 \x03(\x0b\x32\x1e.gateway.api.v1.MeasureRelease\x12/\n\x07receipt\x18\x02 \x01(\x0b\x32\x1e.gateway.api.v1.ReleaseReceipt\"\x11\n\x0f\x44\x65scribeRequest\"Z\n\x10\x44\x65scribeResponse\x12\x0c\n\x04silo\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x10\n\x08\x64\x61tasets\x18\x03 \x03(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t2\xa8\x01\n\x0bSiloService\x12J\n\x07Release\x12\x1e.gateway.api.v1.ReleaseRequest\x1a\x1f.gateway.api.v1.ReleaseResponse\x12M\n\x08\x44\x65scribe\x12\x1f.gateway.api.v1.DescribeRequest\x1a .gateway.api.v1.DescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!gateway/api/v1/silo_service.proto\x12\x0egateway.api.v1\x1a\x1agateway/api/v1/query.proto\"h\n\x0eNoiseComponent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\tmechanism\x18\x02 \x01(\x0e\x32\x19.gateway.api.v1.Mechanism\x12\r\n\x05scale\x18\x03 \x01(\x01\x12\x0b\n\x03rho\x18\x04 \x01(\t\"\xe9\x01\n\x0bReleasePlan\x12(\n\x07measure\x18\x01 \x01(\x0b\x32\x17.gateway.api.v1.Measure\x12)\n\x04\x63ost\x18\x04 \x01(\x0b\x32\x1b.gateway.api.v1.PrivacyCost\x12\x32\n\ncomponents\x18\x05 \x03(\x0b\x32\x1e.gateway.api.v1.NoiseComponent\x12\x33\n\rkey_threshold\x18\x06 \x01(\x0b\x32\x1c.gateway.api.v1.KeyThresholdJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04R\tmechanismR\x05scale\"B\n\x0cKeyThreshold\x12\x11\n\tthreshold\x18\x01 \x01(\x03\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\t\x12\x10\n\x08max_keys\x18\x03 \x01(\r\"\x9d\x01\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x63onsumer\x18\x02 \x01(\t\x12\x0f\n\x07purpose\x18\x03 \x01(\t\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\x12\x10\n\x08group_by\x18\x05 \x03(\t\x12*\n\x05plans\x18\x06 \x03(\x0b\x32\x1b.gateway.api.v1.ReleasePlan\"m\n\x10\x43omponentRelease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x12\x12,\n\tmechanism\x18\x03 \x01(\x0e\x32\x19.gateway.api.v1.Mechanism\x12\r\n\x05scale\x18\x04 \x01(\x01\"\xa0\x01\n\x0eMeasureRelease\x12\x12\n\nmeasure_id\x18\x01 \x01(\t\x12\x34\n\ncomponents\x18\x04 \x03(\x0b\x32 .gateway.api.v1.ComponentRelease\x12)\n\x04keys\x18\x05 \x03(\x0b\x32\x1b.gateway.api.v1.ReleasedKeyJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04R\x06groupsR\x05scale\"\x1d\n\x0bReleasedKey\x12\x0e\n\x06values\x18\x01 \x03(\t\"\xc6\x01\n\x0eReleaseReceipt\x12\x0c\n\x04silo\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x13\n\x0breleased_at\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x14\n\x0cquery_digest\x18\x06 \x01(\t\x12\x10\n\x08\x64\x61tasets\x18\x07 \x03(\t\x12\x0b\n\x03rho\x18\x08 \x01(\t\x12\x15\n\rvalues_digest\x18\t \x01(\t\x12\x0e\n\x06key_id\x18\n \x01(\t\"t\n\x0fReleaseResponse\x12\x30\n\x08releases\x18\x01 \x03(\x0b\x32\x1e.gateway.api.v1.MeasureRelease\x12/\n\x07receipt\x18\x02 \x01(\x0b\x32\x1e.gateway.api.v1.ReleaseReceipt\"\x11\n\x0f\x44\x65scribeRequest\"Z\n\x10\x44\x65scribeResponse\x12\x0c\n\x04silo\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x10\n\x08\x64\x61tasets\x18\x03 \x03(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t2\xa8\x01\n\x0bSiloService\x12J\n\x07Release\x12\x1e.gateway.api.v1.ReleaseRequest\x1a\x1f.gateway.api.v1.ReleaseResponse\x12M\n\x08\x44\x65scribe\x12\x1f.gateway.api.v1.DescribeRequest\x1a .gateway.api.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,21 +35,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NOISECOMPONENT']._serialized_start=81
   _globals['_NOISECOMPONENT']._serialized_end=185
   _globals['_RELEASEPLAN']._serialized_start=188
-  _globals['_RELEASEPLAN']._serialized_end=368
-  _globals['_RELEASEREQUEST']._serialized_start=371
-  _globals['_RELEASEREQUEST']._serialized_end=528
-  _globals['_COMPONENTRELEASE']._serialized_start=530
-  _globals['_COMPONENTRELEASE']._serialized_end=639
-  _globals['_MEASURERELEASE']._serialized_start=641
-  _globals['_MEASURERELEASE']._serialized_end=758
-  _globals['_RELEASERECEIPT']._serialized_start=761
-  _globals['_RELEASERECEIPT']._serialized_end=959
-  _globals['_RELEASERESPONSE']._serialized_start=961
-  _globals['_RELEASERESPONSE']._serialized_end=1077
-  _globals['_DESCRIBEREQUEST']._serialized_start=1079
-  _globals['_DESCRIBEREQUEST']._serialized_end=1096
-  _globals['_DESCRIBERESPONSE']._serialized_start=1098
-  _globals['_DESCRIBERESPONSE']._serialized_end=1188
-  _globals['_SILOSERVICE']._serialized_start=1191
-  _globals['_SILOSERVICE']._serialized_end=1359
+  _globals['_RELEASEPLAN']._serialized_end=421
+  _globals['_KEYTHRESHOLD']._serialized_start=423
+  _globals['_KEYTHRESHOLD']._serialized_end=489
+  _globals['_RELEASEREQUEST']._serialized_start=492
+  _globals['_RELEASEREQUEST']._serialized_end=649
+  _globals['_COMPONENTRELEASE']._serialized_start=651
+  _globals['_COMPONENTRELEASE']._serialized_end=760
+  _globals['_MEASURERELEASE']._serialized_start=763
+  _globals['_MEASURERELEASE']._serialized_end=923
+  _globals['_RELEASEDKEY']._serialized_start=925
+  _globals['_RELEASEDKEY']._serialized_end=954
+  _globals['_RELEASERECEIPT']._serialized_start=957
+  _globals['_RELEASERECEIPT']._serialized_end=1155
+  _globals['_RELEASERESPONSE']._serialized_start=1157
+  _globals['_RELEASERESPONSE']._serialized_end=1273
+  _globals['_DESCRIBEREQUEST']._serialized_start=1275
+  _globals['_DESCRIBEREQUEST']._serialized_end=1292
+  _globals['_DESCRIBERESPONSE']._serialized_start=1294
+  _globals['_DESCRIBERESPONSE']._serialized_end=1384
+  _globals['_SILOSERVICE']._serialized_start=1387
+  _globals['_SILOSERVICE']._serialized_end=1555
 # @@protoc_insertion_point(module_scope)

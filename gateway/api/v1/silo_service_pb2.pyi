@@ -67,6 +67,7 @@ class ReleasePlan(_message.Message):
     MEASURE_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
     COMPONENTS_FIELD_NUMBER: _builtins.int
+    KEY_THRESHOLD_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def measure(self) -> _query_pb2.Measure:
         """The measure, as the consumer asked for it."""
@@ -79,20 +80,61 @@ class ReleasePlan(_message.Message):
     def components(self) -> _containers.RepeatedCompositeFieldContainer[Global___NoiseComponent]:
         """One noise plan per component of the measure."""
 
+    @_builtins.property
+    def key_threshold(self) -> Global___KeyThreshold:
+        """Set when the group keys come from the data (a group-by on a column without a public key
+        set): the release is OpenDP's discrete Gaussian threshold mechanism and only keys whose
+        noisy count is above `threshold` are released. Unset for public key sets.
+        """
+
     def __init__(
         self,
         *,
         measure: _query_pb2.Measure | None = ...,
         cost: _query_pb2.PrivacyCost | None = ...,
         components: _abc.Iterable[Global___NoiseComponent] | None = ...,
+        key_threshold: Global___KeyThreshold | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "measure", b"measure"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "key_threshold", b"key_threshold", "measure", b"measure"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["components", b"components", "cost", b"cost", "measure", b"measure"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["components", b"components", "cost", b"cost", "key_threshold", b"key_threshold", "measure", b"measure"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleasePlan: _TypeAlias = ReleasePlan  # noqa: Y015
+
+@_typing.final
+class KeyThreshold(_message.Message):
+    """How data-dependent group keys are released (see ReleasePlan.key_threshold)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    MAX_KEYS_FIELD_NUMBER: _builtins.int
+    threshold: _builtins.int
+    """The threshold the privacy map is computed at; the silo releases keys whose noisy count is
+    above it (it builds OpenDP's mechanism at threshold + 1) and refuses a threshold below its
+    own computation for `delta`.
+    """
+    delta: _builtins.str
+    """Exact delta this release costs, as "p/q" or an integer string."""
+    max_keys: _builtins.int
+    """The most keys to return (those with the largest noisy counts; post-processing)."""
+    def __init__(
+        self,
+        *,
+        threshold: _builtins.int = ...,
+        delta: _builtins.str = ...,
+        max_keys: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "max_keys", b"max_keys", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyThreshold: _TypeAlias = KeyThreshold  # noqa: Y015
 
 @_typing.final
 class ReleaseRequest(_message.Message):
@@ -186,25 +228,57 @@ class MeasureRelease(_message.Message):
 
     MEASURE_ID_FIELD_NUMBER: _builtins.int
     COMPONENTS_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
     measure_id: _builtins.str
     """The measure id."""
     @_builtins.property
     def components(self) -> _containers.RepeatedCompositeFieldContainer[Global___ComponentRelease]:
         """One release per planned component, in plan order."""
 
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReleasedKey]:
+        """Data-dependent keys only: the released group keys (one value per group-by column), in the
+        order of the component values. Empty for public key sets (the values follow key-set order).
+        """
+
     def __init__(
         self,
         *,
         measure_id: _builtins.str = ...,
         components: _abc.Iterable[Global___ComponentRelease] | None = ...,
+        keys: _abc.Iterable[Global___ReleasedKey] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["components", b"components", "measure_id", b"measure_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["components", b"components", "keys", b"keys", "measure_id", b"measure_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MeasureRelease: _TypeAlias = MeasureRelease  # noqa: Y015
+
+@_typing.final
+class ReleasedKey(_message.Message):
+    """One data-dependent group key a silo released."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """One value per group-by column."""
+
+    def __init__(
+        self,
+        *,
+        values: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleasedKey: _TypeAlias = ReleasedKey  # noqa: Y015
 
 @_typing.final
 class ReleaseReceipt(_message.Message):
