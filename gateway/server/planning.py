@@ -13,7 +13,7 @@ from decimal import Decimal
 from fractions import Fraction
 
 from gateway.budget.ledger import ScopeCharge, ScopeLimit
-from gateway.errors import PolicyDenied
+from gateway.errors import BudgetExhausted, PolicyDenied
 from gateway.policy.decision import BudgetScope, Decision
 from gateway.policy.model import Bundle
 from gateway.privacy.noise import NoisePlan, plan_noise, split_spend
@@ -158,11 +158,11 @@ def _plan_threshold(
     assert key_delta is not None and measure.spend.rho is not None  # policy and validation
     short = [s.key for s in grant.scopes if s.key_delta < Fraction(key_delta)]
     if short:
-        raise PolicyDenied(
-            f"budget scope '{short[0]}' allows no delta for group keys from the data "
-            f"(its budget's key_delta is below the rule's {key_delta})",
-            reason="PRIVACY_BUDGET_EXHAUSTED",
-            metadata={"scope": short[0], "rule": grant.rule_id, "key_delta": key_delta},
+        # As the ledger would say for a scope whose key delta is spent; nothing is reserved.
+        raise BudgetExhausted(
+            f"budget scope '{short[0]}' allows less delta for group keys from the data (its "
+            f"budget's key_delta) than one release of rule '{grant.rule_id}' spends ({key_delta})",
+            metadata={"scope": short[0], "rule": grant.rule_id, "requested_delta": key_delta},
         )
     dataset = bundle.datasets[measure.dataset]
     plan = plan_threshold(
