@@ -4,14 +4,16 @@ Civil affairs plans visits to elderly people living alone: elderly living alone 
 (civil silo) next to registered members per community (org silo), one query across two silos.
 The organization department counts older residents and members per community, and member
 activities by type. A forbidden request shows a denial with its reason code. The health commission
-asks for the mean length of home-care visits and a histogram of it per visit type. Budgets are
-printed at the end.
+asks for the mean length of home-care visits and a histogram of it per visit type. The grid centre
+counts cases per handler, a column with no public list of keys: only handlers whose noisy count
+clears a DP threshold come out. Budgets are printed at the end.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 from rich.console import Console
@@ -117,6 +119,24 @@ def _health_commission(console: Console, client: SilogateClient) -> None:
     )
 
 
+def _grid_centre(console: Console, client: SilogateClient) -> None:
+    result = client.query(
+        purpose="casework-monitoring",
+        measures=[count("cases", "events.cases", rho="0.5")],
+        group_by=["handler"],
+    )
+    threshold = result.raw.measures[0].key_threshold
+    delta = float(Fraction(result.raw.cost.key_delta))
+    console.print(
+        result_table(
+            result,
+            title=f"grid-centre: cases per handler (keys from the data: released when the "
+            f"noisy count is above {threshold}; δ={delta:.0e})",
+            limit=8,
+        )
+    )
+
+
 def run_demo(workdir: Path, *, people: int, seed: int) -> int:
     console = Console(width=None if sys.stdout.isatty() else 110)
     started = time.monotonic()
@@ -136,6 +156,8 @@ def run_demo(workdir: Path, *, people: int, seed: int) -> int:
             org_budget = org.budget()
         with _connect(stack, "health-commission") as health:
             _health_commission(console, health)
+        with _connect(stack, "grid-centre") as grid:
+            _grid_centre(console, grid)
         console.print(budget_table(civil_budget, title="budget left: civil-affairs"))
         console.print(budget_table(org_budget, title="budget left: org-department"))
     console.print(
