@@ -8,9 +8,12 @@ bytes: ``write`` + ``fdatasync`` per record, and the same with one sync per batc
 group commit achieved. Issue 7's target: >= 5,000 records per second.
 
 Verify: ``silogate audit verify``'s work on a log of such records with a checkpoint every 1,000
-records (canonical-form check, sequence, receipts, Merkle tree, signatures, consistency).
-Baseline: reading the same lines and hashing each once (SHA-256), the least any verifier does.
-Issue 7's target: >= 20,000 records per second.
+records (canonical-form check, sequence, receipts, Merkle tree, signatures, consistency), full
+(every record), without and with the silo's receipt key (one Ed25519 verification per record),
+in one process (``--jobs 1``) and with one worker process per CPU. Baseline: reading the same
+lines and hashing each once (SHA-256), the least any verifier does. Issue 7's target: >= 20,000
+records per second, for a full verify. Then, apart: an incremental run (``--state``) after
+10,000 more records, which checks only those.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from pathlib import Path
 from Crypto.PublicKey import ECC
 
 from gateway.audit import jcs
+from gateway.audit._record_checks import default_jobs
 from gateway.audit.checkpoint import CheckpointSigner
 from gateway.audit.log import AuditLog, AuditLogOptions
 from gateway.audit.store import list_segments
-from gateway.audit.verify import verify_with_keys
+from gateway.audit.verify import VerifyReport, verify_with_keys
 from gateway.silo.receipt import ReceiptSigner, receipt_to_record
 
 APPEND_TARGET = 5_000
@@ -40,6 +44,7 @@ SINGLE = 1_000  # records written by one thread (one sync each)
 CONCURRENT = 20_000  # records written by the concurrent writers
 WRITERS = 32
 VERIFY_RECORDS = 100_000
+INCREMENT = 10_000  # records added before the incremental (--state) verify
 _sync = getattr(os, "fdatasync", os.fsync)
 
 
@@ -180,14 +185,16 @@ def _log_appends(
         log_module._sync = _sync
 
 
-def _write_verify_log(directory: Path, signer: CheckpointSigner, count: int) -> None:
-    """A log of ``count`` records, written fast (one sync per segment: it is a fixture)."""
+def _write_verify_log(
+    directory: Path, signer: CheckpointSigner, count: int, first: int = 0
+) -> None:
+    """``count`` more records in the log, written fast (no sync: it is a fixture)."""
     import gateway.audit.log as log_module
 
     log_module._sync = lambda fd: None
     try:
         log = AuditLog(directory, signer=signer, options=AuditLogOptions())
-        for number in range(count):
+        for number in range(first, first + count):
             log.append("query", _record(number))
             if number % 1000 == 999:
                 log.checkpoint()
@@ -207,8 +214,34 @@ def _hash_lines(directory: Path) -> float:
     return count / (time.perf_counter() - started)
 
 
+def _verdict(measured: float, target: int) -> str:
+    met = "met" if measured >= target else "NOT met"
+    return f"target >= {target:,}: {measured / target:.2f}x target, {met}"
+
+
+def _verify(
+    directory: Path,
+    key: ECC.EccKey,
+    silo_keys: dict[str, list[ECC.EccKey]] | None,
+    jobs: int,
+    state: Path | None = None,
+) -> tuple[float, VerifyReport]:
+    """(seconds, report) of one ``verify`` run."""
+    started = time.perf_counter()
+    report = verify_with_keys(
+        directory, [key.public_key()], silo_keys=silo_keys, jobs=jobs, state_file=state
+    )
+    elapsed = time.perf_counter() - started
+    assert report.ok, report.render()
+    if silo_keys:
+        assert sum(report.receipts_checked.values()) == report.records
+    return elapsed, report
+
+
 def run() -> None:
     print("\n== audit log (issue 7) ==")
+    cpus = default_jobs()
+    print(f"{cpus} CPU(s); load average before the run: {os.getloadavg()[0]:.2f}")
     # On the project's disk, not a RAM-backed /tmp: fsync cost is what is measured.
     base = Path(__file__).resolve().parents[1] / "work"
     base.mkdir(exist_ok=True)
@@ -224,33 +257,48 @@ def run() -> None:
         print(f"baseline write+fdatasync per record:      {raw_each:10,.0f} records/s")
         print(
             f"AuditLog.append, 1 writer:                 {single:10,.0f} records/s "
-            f"({single / raw_each:.2f}x baseline, {single_syncs} syncs)"
+            f"({single / raw_each:.2f}x baseline, {single_syncs} syncs; one writer waits for "
+            "every sync, so the per-record baseline bounds it)"
         )
         print(f"baseline write, fdatasync per {batch:>3} records: {raw_batched:10,.0f} records/s")
         print(
             f"AuditLog.append, {WRITERS} writers (group commit): {many:10,.0f} records/s "
             f"({many / raw_each:.1f}x the per-record baseline, {many / raw_batched:.2f}x the "
             f"batched one; {many_syncs} syncs for {CONCURRENT} records) "
-            f"target >= {APPEND_TARGET:,}: {'met' if many >= APPEND_TARGET else 'NOT met'}"
+            f"{_verdict(many, APPEND_TARGET)}"
         )
 
-        _write_verify_log(root / "verify", signer, VERIFY_RECORDS)
-        hashed = _hash_lines(root / "verify")
+        directory = root / "verify"
+        _write_verify_log(directory, signer, VERIFY_RECORDS)
+        hashed = _hash_lines(directory)
         print(f"baseline read + SHA-256 per line:          {hashed:10,.0f} records/s")
         silo_keys = {"civil": [RECEIPTS.public_key]}
+        state = root / "auditor.state"
         for label, keys in (
             ("receipts not given keys", None),
             ("every receipt signature", silo_keys),
         ):
-            started = time.perf_counter()
-            report = verify_with_keys(root / "verify", [key.public_key()], silo_keys=keys)
-            verified = VERIFY_RECORDS / (time.perf_counter() - started)
-            assert report.ok and report.records == VERIFY_RECORDS, report.render()
-            print(
-                f"audit verify, {label} ({VERIFY_RECORDS:,} records, {report.checkpoints} "
-                f"checkpoints): {verified:10,.0f} records/s ({verified / hashed:.2f}x baseline) "
-                f"target >= {VERIFY_TARGET:,}: {'met' if verified >= VERIFY_TARGET else 'NOT met'}"
-            )
+            for jobs in sorted({1, cpus}):
+                # The last full run writes the state file the incremental run starts from.
+                last = keys is not None and jobs == cpus
+                seconds, report = _verify(directory, key, keys, jobs, state if last else None)
+                assert report.records == VERIFY_RECORDS
+                verified = report.records / seconds
+                print(
+                    f"audit verify, full, {label}, --jobs {jobs} ({report.records:,} records, "
+                    f"{report.checkpoints} checkpoints): {verified:10,.0f} records/s "
+                    f"({verified / hashed:.2f}x baseline) {_verdict(verified, VERIFY_TARGET)}"
+                )
+        _write_verify_log(directory, signer, INCREMENT, first=VERIFY_RECORDS)
+        seconds, report = _verify(directory, key, silo_keys, cpus, state)
+        assert report.records == INCREMENT and report.resumed_from == VERIFY_RECORDS
+        print(
+            f"audit verify --state (incremental: {INCREMENT:,} new records checked with every "
+            f"receipt signature, the {VERIFY_RECORDS:,} verified before not read again; not "
+            f"the full-verify figure the target is about): {seconds:.2f} s, "
+            f"{INCREMENT / seconds:,.0f} new records/s, "
+            f"{(VERIFY_RECORDS + INCREMENT) / seconds:,.0f} log records/s"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     sys.stdout.flush()

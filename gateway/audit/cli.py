@@ -80,7 +80,14 @@ def _add_verify(commands: Subcommands) -> None:
     verify.add_argument(
         "--state",
         type=Path,
-        help="file remembering the last verified checkpoint; read, then updated on success",
+        help="file remembering the last verified checkpoint and its tree; read, then updated "
+        "on success. The records it covers are not checked again (the new ones are, and the "
+        "latest checkpoint is proved to extend it) unless --full is given",
+    )
+    verify.add_argument(
+        "--full",
+        action="store_true",
+        help="with --state: check every record again, not only those after the remembered size",
     )
     verify.add_argument(
         "--allow-archived",
@@ -131,6 +138,7 @@ def _verify(args: argparse.Namespace) -> int:
         args.directory,
         keys=args.key,
         state_file=args.state,
+        full=args.full,
         allow_archived=args.allow_archived,
         max_failures=args.max_failures,
         silo_keys=_silo_keys(args.silo_key),

@@ -253,6 +253,9 @@ _reading = _Reading()
 
 def _read_float(token: str) -> float:
     number = float(token)
+    text = repr(number)
+    if text == token and "e" not in text and not text.endswith(".0"):
+        return number  # plain (see plain_number): Python and ECMAScript write it alike
     written = format_number(number)
     if written != token:
         raise NotCanonicalizable(f"{token} is written {written}")

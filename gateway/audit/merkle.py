@@ -195,6 +195,18 @@ class MerkleTree:
             raise MissingLeaves(f"the tree has {self.size} leaves, not {size}")
         return EMPTY_ROOT if size == 0 else self.subtree(0, size)
 
+    def frontier(self, size: int | None = None) -> Frontier:
+        """The compact state of the tree of ``size`` leaves (from ``start`` on, any size)."""
+        size = self.size if size is None else size
+        if not 0 <= size <= self.size:
+            raise MissingLeaves(f"the tree has {self.size} leaves, not {size}")
+        hashes, start = [], 0
+        for level in reversed(range(size.bit_length())):
+            if size >> level & 1:
+                hashes.append(self._perfect(start, level))
+                start += 1 << level
+        return Frontier(size, tuple(hashes))
+
     def inclusion_proof(self, index: int, size: int) -> list[bytes]:
         """PATH(index, D[0:size]) of RFC 9162 section 2.1.3.1, deepest hash first."""
         if not 0 <= index < size <= self.size:

@@ -16,7 +16,13 @@ Merkle tree, nothing per record otherwise):
   consistent (RFC 9162 proof, generated and verified) with the one before it; no size has two
   roots; the published ``checkpoint`` is one of them;
 - with ``--state FILE``: the checkpoint verified on the previous run is proved consistent with
-  the latest one (the log only grew), and on success the file remembers the latest.
+  the latest one (the log only grew), and on success the file remembers the latest and the
+  frontier of its tree. A run given such a file starts from that frontier and checks only the
+  records after its size (``--full``: all of them again).
+
+Records are hashed into the tree here, in log order; their own checks (canonical form, sequence,
+kind and time, receipts and their signatures) run in worker processes
+(:mod:`gateway.audit._record_checks`), and their findings are taken back in log order.
 
 A last line without a newline at the end of the newest segment, and records after the latest
 checkpoint, are warnings: a crash leaves exactly that, and nothing in them was ever covered by
@@ -24,7 +30,8 @@ a signature (a covered record that is cut or missing fails through its checkpoin
 
 This module never raises on damaged input: every problem becomes a :class:`Finding` with file,
 line and sequence number where they are known. It never writes anything but the state file, and
-that only when every check passed.
+that only when every check passed; it never trusts a remembered frontier whose root is not the
+remembered checkpoint's, signed by one of the keys.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import datetime as dt
 import json
 import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +59,7 @@ from gateway.audit.checkpoint import (
 )
 from gateway.audit.errors import AuditLogCorrupt
 from gateway.audit.merkle import (
+    Frontier,
     MerkleTree,
     MissingLeaves,
     ProofError,
@@ -62,6 +70,7 @@ from gateway.audit.store import (
     CHECKPOINTS_FILE,
     DEFAULT_MAX_LINE_BYTES,
     LATEST_CHECKPOINT_FILE,
+    Line,
     Segment,
     SegmentStart,
     list_segments,
@@ -110,6 +119,8 @@ class VerifyReport:
     # Silo receipts whose signature was verified / could not be (no key for the silo), per silo.
     receipts_checked: Counter[str] = field(default_factory=Counter)
     receipts_unchecked: Counter[str] = field(default_factory=Counter)
+    # With a state file: the size the records were checked from (None: from the start).
+    resumed_from: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -199,7 +210,9 @@ class _Verifier:
 
     # -- records ----------------------------------------------------------------------------
 
-    def records(self) -> None:
+    def records(self, resume: Remembered | None = None) -> None:
+        """Hash and check every record; with ``resume`` (a remembered checkpoint and its
+        frontier), only the records after its size, on top of that frontier."""
         report = self.report
         try:
             segments = list_segments(self.directory)
@@ -212,14 +225,30 @@ class _Verifier:
             report.fail(self.directory.name, None, None, "no segment files: not an audit log")
             self.complete = False
             return
-        if _total_bytes(segments) < PARALLEL_FROM_BYTES:
+        first_checked = 0
+        if resume is not None and resume.frontier is not None and resume.size > 0:
+            holding = [i for i, segment in enumerate(segments) if segment.first <= resume.size]
+            if holding:
+                first_checked = holding[-1]
+                self.tree = MerkleTree(resume.frontier)
+                self.origin = resume.checkpoint.origin
+                report.resumed_from = resume.size
+                report.notes.append(
+                    f"note: records 0..{resume.size - 1} were verified by the run that remembered "
+                    f"size {resume.size}; checked from sequence number {resume.size} on "
+                    "(--full checks every record again)"
+                )
+        if _total_bytes(segments[first_checked:]) < PARALLEL_FROM_BYTES:
             self.checks.jobs = 1
-        for index, segment in enumerate(segments):
-            start = self._start(segment, first=index == 0)
-            if start is None and index == 0:
+        for index in range(first_checked, len(segments)):
+            segment = segments[index]
+            resuming = report.resumed_from is not None and index == first_checked
+            start = self._start(segment, first=index == 0 and not resuming)
+            if start is None and index == 0 and not resuming:
                 self.complete = False
                 return
-            if segment.first != self.tree.size:
+            skip = self.tree.size - segment.first if resuming else 0
+            if segment.first != self.tree.size and not (resuming and skip > 0):
                 missing = f"{self.tree.size}..{segment.first - 1}"
                 report.fail(
                     segment.name,
@@ -231,10 +260,10 @@ class _Verifier:
                 )
                 self.complete = False
                 return
-            if start is not None:
+            if start is not None and skip == 0:
                 self._check_frontier(segment, start)
             self.segment_of.append((segment.first, segment.name))
-            if not self._segment_records(segment, last=index == len(segments) - 1):
+            if not self._segment_records(segment, last=index == len(segments) - 1, skip=skip):
                 self.complete = False
                 return
 
@@ -293,12 +322,15 @@ class _Verifier:
                 )
                 return
 
-    def _segment_records(self, segment: Segment, *, last: bool) -> bool:
-        """Hash every line of ``segment`` into the tree and queue its record checks; a finding
-        of this loop first settles the checks of the lines before it (log order)."""
+    def _segment_records(self, segment: Segment, *, last: bool, skip: int = 0) -> bool:
+        """Hash every line of ``segment`` (but the first ``skip``, verified before) into the
+        tree and queue its record checks; a finding of this loop first settles the checks of
+        the lines before it (log order)."""
         report, tree, checks = self.report, self.tree, self.checks
         try:
             lines = scan_lines(segment.path, self.max_record_bytes)
+            if skip and not self._skip(segment, lines, skip):
+                return False
             for line in lines:
                 position = tree.size
                 if not line.terminated:
@@ -334,6 +366,24 @@ class _Verifier:
             return False
         checks.settle()
         return True
+
+    def _skip(self, segment: Segment, lines: Iterator[Line], count: int) -> bool:
+        """Pass over the ``count`` whole lines a resumed run does not check again."""
+        seen = 0
+        for line in lines:
+            if not line.terminated:
+                break
+            seen += 1
+            if seen == count:
+                return True
+        self.report.fail(
+            segment.name,
+            None,
+            segment.first + seen,
+            f"the segment holds {seen} whole record(s), but the checkpoint verified before "
+            f"covers {count} of them (size {segment.first + count}): records were removed",
+        )
+        return False
 
     def _where(self, first: int, end: int) -> str:
         """``segment-….jsonl lines a..b`` for sequence numbers ``first``..``end - 1``."""
@@ -511,50 +561,70 @@ class _Verifier:
 
     # -- state ------------------------------------------------------------------------------
 
-    def state(self, state_file: Path) -> Checkpoint | None:
-        """The checkpoint remembered in ``state_file``, proved consistent with the latest."""
+    def remembered(self, state_file: Path) -> Remembered | None:
+        """The checkpoint (signed by one of the keys) and frontier ``state_file`` remembers."""
         report = self.report
         name = state_file.name
         if not state_file.exists():
             report.notes.append(f"note: {name} does not exist yet; it will remember this run")
             return None
         try:
-            document = json.loads(state_file.read_bytes()[: MAX_NOTE_BYTES * 2])
+            document = json.loads(state_file.read_bytes()[: MAX_NOTE_BYTES * 4])
             note = document["note"]
             if not isinstance(note, str):
                 raise TypeError("'note' is not text")
-            remembered = _open_with_any(note, self.keys, self.origin)
+            checkpoint = _open_with_any(note, self.keys, self.origin)
         except (OSError, ValueError, KeyError, TypeError, CheckpointError) as err:
             report.fail(name, None, None, f"the remembered checkpoint is unreadable: {err}")
             return None
+        hashes = document.get("frontier")
+        if hashes is None:
+            return Remembered(checkpoint, None)  # a saved note alone: checked in full
+        try:
+            if not isinstance(hashes, list) or not all(isinstance(h, str) for h in hashes):
+                raise TypeError("not a list of base64 hashes")
+            frontier = Frontier(
+                checkpoint.size, tuple(base64.b64decode(h, validate=True) for h in hashes)
+            )
+            if frontier.root() != checkpoint.root:
+                raise ValueError("its root is not the remembered checkpoint's")
+        except (TypeError, ValueError) as err:
+            report.fail(name, None, None, f"the remembered frontier is unusable: {err}")
+            return Remembered(checkpoint, None)
+        return Remembered(checkpoint, frontier)
+
+    def state(self, name: str, remembered: Remembered) -> None:
+        """Prove the latest checkpoint consistent with the remembered one (the log only grew)."""
+        report = self.report
+        checkpoint = remembered.checkpoint
         latest = report.latest
         if latest is None:
             report.fail(
-                name, None, None, f"remembers size {remembered.size}, the log has no checkpoint"
+                name, None, None, f"remembers size {checkpoint.size}, the log has no checkpoint"
             )
-        elif latest.size < remembered.size:
+        elif latest.size < checkpoint.size:
             report.fail(
                 name,
                 None,
                 None,
-                f"remembers size {remembered.size}, but the log's latest checkpoint is size "
+                f"remembers size {checkpoint.size}, but the log's latest checkpoint is size "
                 f"{latest.size}: the log was rolled back",
             )
-        elif remembered.size < self.tree.start:
+        elif checkpoint.size < self.tree.start:
             report.fail(
                 name,
                 None,
                 None,
-                f"remembers size {remembered.size}, but the records before {self.tree.start} "
+                f"remembers size {checkpoint.size}, but the records before {self.tree.start} "
                 "were archived: consistency cannot be proved from here",
             )
-        elif remembered.size == 0:
+        elif checkpoint.size == 0:
             pass  # every log extends the empty one
         else:
             try:
-                proof = self.tree.consistency_proof(remembered.size, latest.size)
+                proof = self.tree.consistency_proof(checkpoint.size, latest.size)
                 verify_consistency(
-                    remembered.size, latest.size, remembered.root, latest.root, proof
+                    checkpoint.size, latest.size, checkpoint.root, latest.root, proof
                 )
             except (ProofError, MissingLeaves, ValueError) as err:
                 report.fail(
@@ -562,14 +632,26 @@ class _Verifier:
                     None,
                     None,
                     f"the log is not an extension of the checkpoint verified before (size "
-                    f"{remembered.size}): {err}",
+                    f"{checkpoint.size}): {err}",
                 )
             else:
                 report.notes.append(
                     f"note: consistent with the checkpoint verified before (size "
-                    f"{remembered.size} -> {latest.size})"
+                    f"{checkpoint.size} -> {latest.size})"
                 )
-        return remembered
+
+
+@dataclass(frozen=True)
+class Remembered:
+    """What a state file holds: the checkpoint verified last time and, when that run wrote
+    it, the frontier of its tree (which lets the next run start there)."""
+
+    checkpoint: Checkpoint
+    frontier: Frontier | None
+
+    @property
+    def size(self) -> int:
+        return self.checkpoint.size
 
 
 def verify_log(
@@ -577,6 +659,7 @@ def verify_log(
     *,
     keys: Sequence[Path],
     state_file: Path | None = None,
+    full: bool = False,
     allow_archived: bool = False,
     max_failures: int = 20,
     max_record_bytes: int = DEFAULT_MAX_LINE_BYTES,
@@ -585,12 +668,15 @@ def verify_log(
 ) -> VerifyReport:
     """Check the audit log in ``directory`` (see the module docstring). ``silo_keys``: each
     silo's public receipt key file(s) (several after a rotation). ``jobs``: worker processes
-    checking records (default: one per CPU; 1 checks in this process). Keys that cannot be
-    read raise ``ConfigurationError``; everything about the log goes into the report."""
+    checking records (default: one per CPU; 1 checks in this process). With a ``state_file``
+    that holds a frontier, only the records after its size are checked unless ``full``.
+    Keys that cannot be read raise ``ConfigurationError``; everything about the log goes into
+    the report."""
     return verify_with_keys(
         directory,
         [load_verification_key(path) for path in keys],
         state_file=state_file,
+        full=full,
         allow_archived=allow_archived,
         max_failures=max_failures,
         max_record_bytes=max_record_bytes,
@@ -607,6 +693,7 @@ def verify_with_keys(
     public_keys: Sequence[ECC.EccKey],
     *,
     state_file: Path | None = None,
+    full: bool = False,
     allow_archived: bool = False,
     max_failures: int = 20,
     max_record_bytes: int = DEFAULT_MAX_LINE_BYTES,
@@ -618,54 +705,42 @@ def verify_with_keys(
     failure: the verdict (``ok``) is the same, the report shorter."""
     directory = Path(directory)
     report = VerifyReport(directory, max_failures=max(1, max_failures), fail_fast=fail_fast)
-    with contextlib.suppress(_Stop):
-        _run(
-            directory,
-            public_keys,
-            report,
-            state_file,
-            allow_archived,
-            max_record_bytes,
-            silo_keys or {},
-            default_jobs() if jobs is None else jobs,
-        )
-    return report
-
-
-def _run(
-    directory: Path,
-    public_keys: Sequence[ECC.EccKey],
-    report: VerifyReport,
-    state_file: Path | None,
-    allow_archived: bool,
-    max_record_bytes: int,
-    silo_keys: Mapping[str, Sequence[ECC.EccKey]],
-    jobs: int,
-) -> None:
     if not directory.is_dir():
-        report.fail(directory.name or str(directory), None, None, "not a directory")
-        return
+        with contextlib.suppress(_Stop):
+            report.fail(directory.name or str(directory), None, None, "not a directory")
+        return report
     verifier = _Verifier(
         directory,
         public_keys,
         report,
         allow_archived=allow_archived,
         max_record_bytes=max_record_bytes,
-        silo_keys=silo_keys,
-        jobs=jobs,
+        silo_keys=silo_keys or {},
+        jobs=default_jobs() if jobs is None else jobs,
     )
+    with contextlib.suppress(_Stop):
+        _run(verifier, state_file, full=full)
+    return report
+
+
+def _run(verifier: _Verifier, state_file: Path | None, *, full: bool) -> None:
+    report = verifier.report
+    remembered = verifier.remembered(state_file) if state_file is not None else None
     try:
-        verifier.records()
+        verifier.records(None if full else remembered)
     finally:
         verifier.checks.close()
     notes = verifier.checkpoints()
     verifier.published(notes)
     verifier.coverage()
-    if state_file is not None:
-        verifier.state(state_file)
-        if report.ok and report.latest is not None and report.latest_note is not None:
-            _remember(state_file, report.latest_note)
-            report.notes.append(f"note: {state_file.name} now remembers size {report.latest.size}")
+    if state_file is None:
+        return
+    if remembered is not None:
+        verifier.state(state_file.name, remembered)
+    latest, note = report.latest, report.latest_note
+    if report.ok and latest is not None and note is not None:
+        _remember(state_file, note, verifier.tree.frontier(latest.size))
+        report.notes.append(f"note: {state_file.name} now remembers size {latest.size}")
 
 
 def _total_bytes(segments: Sequence[Segment]) -> int:
@@ -676,8 +751,13 @@ def _total_bytes(segments: Sequence[Segment]) -> int:
     return total
 
 
-def _remember(state_file: Path, note: str) -> None:
-    document = {"note": note, "verified_at": dt.datetime.now(dt.UTC).isoformat()}
+def _remember(state_file: Path, note: str, frontier: Frontier) -> None:
+    document = {
+        "note": note,
+        # The tree at the note's size: the next run starts there instead of at record 0.
+        "frontier": [base64.b64encode(h).decode() for h in frontier.hashes],
+        "verified_at": dt.datetime.now(dt.UTC).isoformat(),
+    }
     temporary = state_file.with_name(state_file.name + ".tmp")
     temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     os.replace(temporary, state_file)

@@ -230,6 +230,92 @@ def test_the_state_file_proves_the_log_only_grew(tmp_path: Path, key: LogKey) ->
     assert json.loads(state.read_text())["note"].split("\n")[1] == "25"  # not overwritten
 
 
+def _grow(directory: Path, key: LogKey, start: int, end: int) -> None:
+    log = AuditLog(directory, signer=key.signer(), options=AuditLogOptions(segment_max_bytes=6500))
+    for number in range(start, end):
+        log.append("query", query_record(number))
+    log.close()
+
+
+def test_with_a_state_file_only_the_new_records_are_checked_again(
+    tmp_path: Path, key: LogKey
+) -> None:
+    directory = tmp_path / "log"
+    state = tmp_path / "auditor-state.json"
+    write_log(directory, key, 12, segment_max_bytes=6500, checkpoint_every_records=5)
+    code, out = verify(directory, key, "--state", state)
+    assert code == 0 and out.startswith("OK: 12 records") and "checked from" not in out
+    assert len(json.loads(state.read_text())["frontier"]) == 2  # 12 = 8 + 4
+    _grow(directory, key, 12, 30)
+    code, out = verify(directory, key, "--state", state)
+    assert code == 0, out
+    assert out.startswith("OK: 18 records")  # 12..29: the 12 before were checked last time
+    assert "checked from sequence number 12 on (--full checks every record again)" in out
+    assert "consistent with the checkpoint verified before (size 12 -> 30)" in out
+    assert "now remembers size 30" in out
+
+    # A record the last run covered is edited on disk: an incremental run does not read it
+    # again (it proves the new records extend what was verified); --full does, and says so.
+    path, lines = _segment_lines(directory, 0)
+    lines[3] = lines[3].replace(b"request-3", b"request-X")
+    path.write_bytes(b"".join(lines))
+    _grow(directory, key, 30, 33)
+    code, out = verify(directory, key, "--state", state)
+    assert code == 0 and out.startswith("OK: 3 records"), out
+    code, out = verify(directory, key, "--state", state, "--full")
+    assert code == 1 and "the records do not match the root signed" in out
+    assert json.loads(state.read_text())["note"].split("\n")[1] == "33"  # not overwritten
+    lines[3] = lines[3].replace(b"request-X", b"request-3")
+    path.write_bytes(b"".join(lines))
+
+    # A record after the remembered size is edited: its checkpoint catches it.
+    _grow(directory, key, 33, 40)
+    path, lines = _segment_lines(directory, -1)
+    lines[-1] = lines[-1].replace(b"request-39", b"request-Y")
+    path.write_bytes(b"".join(lines))
+    code, out = verify(directory, key, "--state", state)
+    assert code == 1 and "do not match the root signed for size 40" in out, out
+
+
+def test_a_state_file_without_its_frontier_checks_everything(tmp_path: Path, key: LogKey) -> None:
+    directory = tmp_path / "log"
+    state = tmp_path / "saved.state"
+    write_log(directory, key, 12)
+    note = (directory / "checkpoint").read_text()
+    state.write_text(json.dumps({"note": note}))  # a saved note, as the auditor guide shows
+    _grow(directory, key, 12, 20)
+    code, out = verify(directory, key, "--state", state)
+    assert code == 0 and out.startswith("OK: 20 records") and "checked from" not in out
+    assert "consistent with the checkpoint verified before (size 12 -> 20)" in out
+    # A frontier that is not the remembered tree's is refused, and everything is checked.
+    document = json.loads(state.read_text())
+    document["frontier"] = document["frontier"][::-1]
+    state.write_text(json.dumps(document))
+    code, out = verify(directory, key, "--state", state)
+    assert code == 1 and "the remembered frontier is unusable" in out
+    assert "OK" not in out and "20 records" in out
+
+
+def test_an_incremental_run_sees_a_fork_and_removed_records(tmp_path: Path, key: LogKey) -> None:
+    directory = tmp_path / "log"
+    state = tmp_path / "auditor-state.json"
+    write_log(directory, key, 12, segment_max_bytes=6500)
+    assert verify(directory, key, "--state", state)[0] == 0
+    # Another history, longer than the remembered one, signed with the same key.
+    fork = tmp_path / "fork"
+    log = AuditLog(fork, signer=key.signer())
+    for number in range(20):
+        log.append("query", query_record(500 + number))
+    log.close()
+    code, out = verify(fork, key, "--state", state)
+    assert code == 1 and "not an extension of the checkpoint verified before (size 12)" in out
+    # The records the state covers were cut from the last segment.
+    path, lines = _segment_lines(directory, -1)
+    path.write_bytes(b"".join(lines[:-2]))
+    code, out = verify(directory, key, "--state", state)
+    assert code == 1 and "records were removed" in out, out
+
+
 def test_uncovered_records_are_a_warning(tmp_path: Path, key: LogKey) -> None:
     directory = tmp_path / "log"
     log = AuditLog(directory, signer=key.signer())
