@@ -37,7 +37,6 @@ import contextlib
 import datetime as dt
 import fcntl
 import logging
-import math
 import os
 import threading
 import time
@@ -80,6 +79,7 @@ if TYPE_CHECKING:
 
 _sync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 _RESERVED = frozenset({"seq", "time", "kind"})
+_EXACT_INT = 2**53  # integers beyond are not all exact doubles: the exact encoder writes them
 _log = logging.getLogger("silogate.audit")
 
 
@@ -134,6 +134,11 @@ def _jsonable(value: object, walk: _Walk) -> object:
     them into text here keeps every record writable, so no outcome escapes the log on a type.
     """
     kind = type(value)
+    # The exact built-in containers first: the ABC checks below cost more than the copy.
+    if kind is dict:
+        return _json_object(value, walk)  # type: ignore[arg-type]
+    if kind is list or kind is tuple:
+        return _json_array(value, walk)  # type: ignore[arg-type]
     walk.total += 8
     if kind is str:
         walk.total += len(value)  # type: ignore[arg-type]
@@ -141,26 +146,11 @@ def _jsonable(value: object, walk: _Walk) -> object:
     if value is None or kind is bool:
         return value
     if kind is int:
-        if walk.plain and not jcs.plain_number(value):  # type: ignore[arg-type]
+        if not -_EXACT_INT <= value <= _EXACT_INT:  # type: ignore[operator]
             walk.plain = False
         return value
     if kind is float:
-        if not math.isfinite(value):  # type: ignore[arg-type]
-            return str(value)
-        if walk.plain and not jcs.plain_number(value):  # type: ignore[arg-type]
-            walk.plain = False
-        return value
-    # The exact built-in containers first: the ABC checks below cost more than the copy.
-    if kind is dict:
-        copy = {
-            k if type(k) is str else str(k): _jsonable(v, walk)
-            for k, v in value.items()  # type: ignore[attr-defined]
-        }
-        if walk.plain and not all(k.isascii() or jcs.plain_key(k) for k in copy):
-            walk.plain = False
-        return copy
-    if kind is list or kind is tuple:
-        return [_jsonable(v, walk) for v in value]  # type: ignore[attr-defined]
+        return _json_float(value, walk)  # type: ignore[arg-type]
     if isinstance(value, Mapping):
         return _jsonable({str(k): v for k, v in value.items()}, walk)
     if isinstance(value, list | tuple):
@@ -172,6 +162,65 @@ def _jsonable(value: object, walk: _Walk) -> object:
     if isinstance(value, Fraction | Decimal):
         return str(value)
     return str(value)
+
+
+# The containers' own loops take their strings, integers, booleans and nulls without a call per
+# value: records are mostly such leaves, and a call each cost more than encoding the record.
+
+
+def _json_float(value: float, walk: _Walk) -> object:
+    text = repr(value)
+    if text[-1] in "nf":  # nan, inf, -inf: no JSON form, kept as text
+        return text
+    if "e" in text or text.endswith(".0"):
+        walk.plain = False  # see jcs.plain_number
+    return value
+
+
+def _json_object(value: dict[object, object], walk: _Walk) -> dict[str, object]:
+    copy: dict[str, object] = {}
+    total = 8
+    for key, given in value.items():
+        item, kind = given, type(given)
+        total += 8
+        if kind is str:
+            total += len(item)  # type: ignore[arg-type]
+        elif kind is int:
+            if not -_EXACT_INT <= item <= _EXACT_INT:  # type: ignore[operator]
+                walk.plain = False
+        elif kind is float:
+            item = _json_float(item, walk)  # type: ignore[arg-type]
+        elif item is not None and kind is not bool:
+            total -= 8
+            item = _jsonable(item, walk)
+        copy[key if type(key) is str else str(key)] = item
+    walk.total += total
+    if walk.plain:
+        names = "".join(copy)
+        if not names.isascii() and not jcs.plain_key(names):
+            walk.plain = False
+    return copy
+
+
+def _json_array(value: list[object] | tuple[object, ...], walk: _Walk) -> list[object]:
+    copy: list[object] = []
+    total = 8
+    for given in value:
+        item, kind = given, type(given)
+        total += 8
+        if kind is str:
+            total += len(item)  # type: ignore[arg-type]
+        elif kind is int:
+            if not -_EXACT_INT <= item <= _EXACT_INT:  # type: ignore[operator]
+                walk.plain = False
+        elif kind is float:
+            item = _json_float(item, walk)  # type: ignore[arg-type]
+        elif item is not None and kind is not bool:
+            total -= 8
+            item = _jsonable(item, walk)
+        copy.append(item)
+    walk.total += total
+    return copy
 
 
 def _scrub(value: object) -> object:
