@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from fractions import Fraction
 
 from gateway.api.v1 import query_pb2, query_service_pb2
@@ -10,12 +11,17 @@ from gateway.privacy.conversions import epsilon_at_delta
 from gateway.privacy.noise import MECHANISM_NUMBERS
 from gateway.server.planning import MeasurePlanning
 
+# Every answer shows the same totals and per-query costs again; the exact square root (or OpenDP
+# conversion) behind each epsilon costs more than the rest of the message. A pure function of
+# exact values, so remembering recent results changes nothing but the time.
+_epsilon_at_delta = functools.lru_cache(maxsize=4096)(epsilon_at_delta)
+
 
 def privacy_cost(rho: Fraction, delta: Fraction = Fraction(0)) -> query_pb2.PrivacyCost:
     return query_pb2.PrivacyCost(
         rho=f"{rho.numerator}/{rho.denominator}" if rho.denominator != 1 else str(rho.numerator),
         rho_value=float(rho),
-        epsilon=epsilon_at_delta(rho, delta),
+        epsilon=_epsilon_at_delta(rho, delta),
         delta=float(delta),
     )
 
@@ -28,6 +34,14 @@ def balance_message(balance: Balance, delta: Fraction) -> query_service_pb2.Budg
         reserved=privacy_cost(balance.reserved, delta),
         remaining=privacy_cost(max(balance.remaining, Fraction(0)), delta),
         period_end=balance.period_end.isoformat() if balance.period_end else "",
+    )
+
+
+def remaining_message(balance: Balance, delta: Fraction) -> query_service_pb2.BudgetBalance:
+    """A balance with its scope and what remains only (what an audit record's ``budget_left``
+    reads; :func:`balance_message` is the whole balance)."""
+    return query_service_pb2.BudgetBalance(
+        scope=balance.scope, remaining=privacy_cost(max(balance.remaining, Fraction(0)), delta)
     )
 
 

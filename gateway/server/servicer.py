@@ -61,6 +61,7 @@ from gateway.server.messages import (
     balance_message,
     measure_plan_message,
     privacy_cost,
+    remaining_message,
 )
 from gateway.server.metrics import GatewayMetrics
 from gateway.server.planning import QueryPlan, plan_query, scope_limit
@@ -245,8 +246,9 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
                         for v in g.values
                     ]
                     # As the reservation left each scope, read in its own transaction.
+                    deltas = {s.key: s.delta for s in plan.scopes}
                     record["budget_left"] = budget_left_fields(
-                        self._balance_messages(plan, reservation.balances)
+                        remaining_message(b, deltas[b.scope]) for b in reservation.balances
                     )
                     answer_cache_key = cache_key
 
