@@ -117,7 +117,7 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
     # -- shared steps -----------------------------------------------------------------------
 
     def _decide(self, bundle: Bundle, consumer: str, query: QueryForm) -> Decision:
-        validate_against_policy(query, bundle)
+        """Decide a query already validated against ``bundle``; PolicyDenied unless permitted."""
         decision = decide(bundle, consumer, query)
         if not decision.permitted:
             raise PolicyDenied(
