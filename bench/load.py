@@ -11,13 +11,17 @@ one identical query to show the cached rate.
 
 Targets (issue 6): throughput >= 0.5x the relay's, p99 latency <= 3x the relay's, zero errors.
 The load generator is one asyncio process on the same machine: at high rates it is part of what
-is measured, for the relay and the gateway alike.
+is measured, for the relay and the gateway alike. On a machine this small the system is bound by
+CPU, so the report adds the CPU time per released query of the gateway, the silo that answers
+and the load generator (Linux ``/proc``; omitted elsewhere): the steadiest figure when other work
+shares the machine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import shutil
 import signal
 import subprocess
@@ -107,7 +111,9 @@ async def _load(
     credentials: grpc.ChannelCredentials,
     measure_ids: Callable[[], str],
     seconds: float,
+    on_measuring: Callable[[], None] | None = None,
 ) -> Phase:
+    """``on_measuring`` is called once the warm-up is over, as the recorded queries start."""
     channels = [grpc.aio.secure_channel(address, credentials) for _ in range(CLIENTS)]
     latencies: list[float] = []
     errors: dict[str, int] = {}
@@ -129,6 +135,8 @@ async def _load(
         await asyncio.gather(*(c.channel_ready() for c in channels))
         warm_up = time.perf_counter() + WARM_UP_SECONDS
         await asyncio.gather(*(client(c, warm_up, record=False) for c in channels))
+        if on_measuring is not None:
+            on_measuring()
         started = time.perf_counter()
         await asyncio.gather(*(client(c, started + seconds, record=True) for c in channels))
         elapsed = time.perf_counter() - started
@@ -153,6 +161,24 @@ def _start_relay(
             raise RuntimeError(f"bench relay '{role}' did not start")
         time.sleep(0.05)
     return process, int(port_file.read_text())
+
+
+def _cpu_seconds(pid: int | None = None) -> float | None:
+    """User + system CPU seconds of a process (this one by default), or None without /proc."""
+    if pid is None:
+        return time.process_time()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_line(cpu: dict[str, float], queries: int) -> str:
+    if not cpu or not queries:
+        return ""
+    shares = ", ".join(f"{name} {seconds / queries * 1000:.2f}" for name, seconds in cpu.items())
+    return f"load     CPU ms per released query: {shares}\n"
 
 
 def _line(phase: Phase) -> str:
@@ -187,12 +213,20 @@ def run(people: int) -> None:
             relays.append(relay)
             credentials = channel_credentials(stack.pki.consumer(CONSUMER))
             fresh = itertools.count()
+            pids: dict[str, int | None] = {
+                "gateway": stack.processes["gateway"].pid,
+                "silo-civil": stack.processes["silo-civil"].pid,
+                "load generator": None,
+            }
+            cpu: dict[str, float] = {}
             phases = asyncio.run(
                 _phases(
                     stack.gateway_address,
                     f"127.0.0.1:{relay_port}",
                     credentials,
                     lambda: f"q{next(fresh)}",
+                    pids,
+                    cpu,
                 )
             )
         finally:
@@ -209,6 +243,7 @@ def run(people: int) -> None:
         + _line(relay_phase)
         + _line(gateway_phase)
         + _line(cached_phase)
+        + _cpu_line(cpu, len(gateway_phase.latencies))
         + f"load     throughput ratio gateway/relay {throughput_ratio:5.2f}x (target >= 0.5x: "
         f"{'met' if throughput_ratio >= 0.5 else 'MISSED'})\n"
         f"load     p99 ratio gateway/relay        {p99_ratio:5.2f}x (target <= 3x: "
@@ -222,13 +257,27 @@ async def _phases(
     relay: str,
     credentials: grpc.ChannelCredentials,
     fresh_measure: Callable[[], str],
+    pids: dict[str, int | None],
+    cpu: dict[str, float],
 ) -> tuple[Phase, Phase, Phase]:
+    """The three phases; ``cpu`` receives each of ``pids``' CPU seconds over the recorded part
+    of the gateway phase (the clients' last calls end a little after it: a slight over-count)."""
     relay_phase = await _load(
         "relay (client->relay->echo)", relay, credentials, fresh_measure, SECONDS
     )
+    before: dict[str, float | None] = {}
     gateway_phase = await _load(
-        "gateway+silo, new releases", gateway, credentials, fresh_measure, SECONDS
+        "gateway+silo, new releases",
+        gateway,
+        credentials,
+        fresh_measure,
+        SECONDS,
+        on_measuring=lambda: before.update({n: _cpu_seconds(p) for n, p in pids.items()}),
     )
+    for name, pid in pids.items():
+        start, end = before[name], _cpu_seconds(pid)
+        if start is not None and end is not None:
+            cpu[name] = end - start
     cached_phase = await _load(
         "gateway, cached repeats", gateway, credentials, lambda: "repeated", CACHED_SECONDS
     )

@@ -123,6 +123,9 @@ class Reservation:
     # An earlier answer to the same query in the same windows: the caller returns it at no cost
     # and commits this (charge-free) reservation with the response it sends.
     cached_answer: bytes | None = None
+    # A new charged reservation: each charged scope as this reservation left it (in the order
+    # of the charges), read in the reservation's own transaction.
+    balances: tuple[Balance, ...] = ()
 
     @property
     def is_replay(self) -> bool:
@@ -260,12 +263,17 @@ class PrivacyLedger:
         return (Fraction(row[0]), Fraction(row[1])) if row else (_ZERO, _ZERO)
 
     @staticmethod
-    def _add(db: sqlite3.Connection, key: str, spent: Fraction, reserved: Fraction) -> None:
+    def _add(
+        db: sqlite3.Connection, key: str, spent: Fraction, reserved: Fraction
+    ) -> tuple[Fraction, Fraction]:
+        """Add to a scope window's running sums; returns the new (spent, reserved)."""
         old_spent, old_reserved = PrivacyLedger._balance(db, key)
+        new = (old_spent + spent, old_reserved + reserved)
         db.execute(
             "INSERT OR REPLACE INTO scope_balances VALUES (?, ?, ?)",
-            (key, _text(old_spent + spent), _text(old_reserved + reserved)),
+            (key, _text(new[0]), _text(new[1])),
         )
+        return new
 
     @staticmethod
     def _forget(db: sqlite3.Connection, consumer: str, request_id: str) -> None:
@@ -327,9 +335,9 @@ class PrivacyLedger:
                         (consumer, request_id, query_digest, now.isoformat()),
                     )
                     return Reservation(request_id, "new", cached_answer=bytes(answer[0]))
-            keyed = [(self._window_key(c.limit, now)[0], c) for c in charges]
-            current = {key: self._balance(db, key) for key, _ in keyed}
-            for key, charge in keyed:
+            keyed = [(*self._window_key(c.limit, now), c) for c in charges]
+            current = {key: self._balance(db, key) for key, _, _ in keyed}
+            for key, _, charge in keyed:
                 spent, reserved = current[key]
                 remaining = charge.limit.total - spent - reserved
                 if charge.cost > remaining:
@@ -344,22 +352,30 @@ class PrivacyLedger:
                             f"remaining_{unit}": _text(max(remaining, _ZERO)),
                         },
                     )
-            windows = "|".join(sorted(key for key, _ in keyed))
+            windows = "|".join(sorted(key for key, _, _ in keyed))
             db.execute(
                 "INSERT INTO reservations VALUES (?, ?, ?, 'reserved', ?, ?, NULL)",
                 (consumer, request_id, query_digest, now.isoformat(), windows),
             )
-            for key, charge in keyed:
-                db.execute(
-                    "INSERT INTO charges VALUES (?, ?, ?, ?)",
-                    (consumer, request_id, key, _text(charge.cost)),
-                )
-                spent, reserved = current[key]
-                db.execute(
-                    "INSERT OR REPLACE INTO scope_balances VALUES (?, ?, ?)",
-                    (key, _text(spent), _text(reserved + charge.cost)),
-                )
-        return Reservation(request_id, "new", None, windows)
+            db.executemany(
+                "INSERT INTO charges VALUES (?, ?, ?, ?)",
+                [(consumer, request_id, key, _text(c.cost)) for key, _, c in keyed],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO scope_balances VALUES (?, ?, ?)",
+                [
+                    (key, _text(current[key][0]), _text(current[key][1] + c.cost))
+                    for key, _, c in keyed
+                ],
+            )
+        # What the reservation left in each scope, its own charge counted as reserved.
+        balances = tuple(
+            Balance(
+                c.limit.scope, key, c.limit.total, current[key][0], current[key][1] + c.cost, end
+            )
+            for key, end, c in keyed
+        )
+        return Reservation(request_id, "new", None, windows, balances=balances)
 
     def _finish(
         self,
@@ -368,7 +384,8 @@ class PrivacyLedger:
         state: str,
         response: bytes | None,
         cache_key: str | None = None,
-    ) -> None:
+        balances_of: Sequence[ScopeLimit] = (),
+    ) -> list[Balance]:
         # Not durable: if a crash undoes it, the reservation is still charged (over-charge only).
         with self._transaction(durable=False) as db:
             updated = db.execute(
@@ -389,20 +406,40 @@ class PrivacyLedger:
                     (consumer, request_id),
                 )
             ]
+            sums: dict[str, tuple[Fraction, Fraction]] = {}
             for scope, rho in charges:
-                self._add(db, scope, rho if state == "committed" else _ZERO, -rho)
+                sums[scope] = self._add(db, scope, rho if state == "committed" else _ZERO, -rho)
             if cache_key is not None:  # in the same transaction: an answer is cached iff spent
                 db.execute(
                     "INSERT OR REPLACE INTO answers VALUES (?, ?, ?)",
                     (consumer, cache_key, response),
                 )
+            if not balances_of:
+                return []
+            # As ``balances`` would read them right after this transaction (current windows).
+            now = self._clock()
+            out = []
+            for limit in balances_of:
+                key, end = self._window_key(limit, now)
+                spent, reserved = sums[key] if key in sums else self._balance(db, key)
+                out.append(Balance(limit.scope, key, limit.total, spent, reserved, end))
+            return out
 
     def commit(
-        self, consumer: str, request_id: str, response: bytes, *, cache_key: str | None = None
-    ) -> None:
+        self,
+        consumer: str,
+        request_id: str,
+        response: bytes,
+        *,
+        cache_key: str | None = None,
+        balances_of: Sequence[ScopeLimit] = (),
+    ) -> list[Balance]:
         """Mark the reservation spent, store the response for replays and, with a ``cache_key``,
-        as the answer to later identical queries."""
-        self._finish(consumer, request_id, "committed", response, cache_key)
+        as the answer to later identical queries. Returns the balances of ``balances_of`` as this
+        commit left them, read in its transaction (what :meth:`balances` would say next)."""
+        return self._finish(
+            consumer, request_id, "committed", response, cache_key, balances_of=balances_of
+        )
 
     def cancel(self, consumer: str, request_id: str) -> None:
         """Release the reservation. Only when no silo can have released anything."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from fractions import Fraction
 
 from gateway.api.v1 import query_pb2, query_service_pb2
@@ -9,6 +10,11 @@ from gateway.budget.ledger import Balance
 from gateway.privacy.conversions import epsilon_at_delta
 from gateway.privacy.noise import MECHANISM_NUMBERS
 from gateway.server.planning import MeasurePlanning
+
+# Every answer shows the same totals and per-query costs again; the exact square root (or OpenDP
+# conversion) behind each epsilon costs more than the rest of the message. A pure function of
+# exact values, so remembering recent results changes nothing but the time.
+_epsilon_at_delta = functools.lru_cache(maxsize=4096)(epsilon_at_delta)
 
 
 def exact_text(x: Fraction) -> str:
@@ -22,7 +28,7 @@ def privacy_cost(
     return query_pb2.PrivacyCost(
         rho=exact_text(rho),
         rho_value=float(rho),
-        epsilon=epsilon_at_delta(rho, delta),
+        epsilon=_epsilon_at_delta(rho, delta),
         delta=float(delta),
         key_delta=exact_text(key_delta) if key_delta else "",
     )
@@ -49,6 +55,14 @@ def balance_message(
             if key_delta is not None
             else None
         ),
+    )
+
+
+def remaining_message(balance: Balance, delta: Fraction) -> query_service_pb2.BudgetBalance:
+    """A balance with its scope and what remains only (what an audit record's ``budget_left``
+    reads; :func:`balance_message` is the whole balance)."""
+    return query_service_pb2.BudgetBalance(
+        scope=balance.scope, remaining=privacy_cost(max(balance.remaining, Fraction(0)), delta)
     )
 
 

@@ -107,6 +107,19 @@ class QueryPlan:
         """The rho scopes (what balances show and answer caching keys on)."""
         return [scope_limit(s) for s in self.scopes]
 
+    def balance_limits(self) -> list[ScopeLimit]:
+        """The scopes an answer shows balances of: the rho scopes, and for keys from the data
+        their parallel key-delta scopes too."""
+        if not self.key_delta:
+            return self.limits()
+        return self.limits() + [key_delta_limit(s) for s in self.scopes if s.key_delta]
+
+    def charge_of(self, scope: str) -> Fraction:
+        """This plan's charge to a rho scope or to a parallel ``#key_delta`` scope."""
+        if scope in self.charges:
+            return self.charges[scope]
+        return self.key_delta if scope.endswith("#key_delta") else Fraction(0)
+
     def ledger_charges(self) -> list[ScopeCharge]:
         """What the ledger reserves: each scope's rho and, for data-dependent keys, each scope's
         key delta in its parallel ``#key_delta`` scope."""

@@ -11,7 +11,9 @@ returned only after its record is durable. The gateway never sees an exact aggre
 Ledger and audit calls run in worker threads (``asyncio.to_thread``): both wait for their disk
 syncs, and the event loop keeps serving other requests meanwhile (concurrent audit appends also
 share one sync). Each is still awaited before the next step, so the order of the steps is the
-same as if they ran inline.
+same as if they ran inline. A released query takes two hand-offs: the reservation (which also
+returns the balances it left, for the record), and the audit append followed by the commit
+(which returns the balances for the answer) in one thread, in that order.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import base64
 import logging
 from collections import defaultdict
+from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import replace
 from fractions import Fraction
@@ -30,7 +33,7 @@ import grpc
 from gateway.api.v1 import query_service_pb2, query_service_pb2_grpc, silo_service_pb2
 from gateway.audit.log import AuditLog
 from gateway.audit.records import budget_left_fields, plan_fields
-from gateway.budget.ledger import PrivacyLedger
+from gateway.budget.ledger import Balance, PrivacyLedger
 from gateway.crypto.dev_ca import peer_identities
 from gateway.errors import (
     FieldViolation,
@@ -59,6 +62,7 @@ from gateway.server.messages import (
     exact_text,
     measure_plan_message,
     privacy_cost,
+    remaining_message,
 )
 from gateway.server.metrics import GatewayMetrics
 from gateway.server.planning import QueryPlan, key_delta_limit, plan_query, scope_limit
@@ -114,7 +118,7 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
     # -- shared steps -----------------------------------------------------------------------
 
     def _decide(self, bundle: Bundle, consumer: str, query: QueryForm) -> Decision:
-        validate_against_policy(query, bundle)
+        """Decide a query already validated against ``bundle``; PolicyDenied unless permitted."""
         decision = decide(bundle, consumer, query)
         if not decision.permitted:
             raise PolicyDenied(
@@ -125,21 +129,26 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         return decision
 
     async def _balances(self, plan: QueryPlan, after: bool = False) -> list[Any]:
-        """Each scope's balance; for data-dependent keys, its key delta's too. ``after``: as if
+        """Each scope's balance (and, for keys from the data, its key delta's). ``after``: as if
         this plan's charges were spent (what a preview shows)."""
-        # Key-delta balances are read only for a query that spends key delta.
-        delta_limits = [key_delta_limit(s) for s in plan.scopes if s.key_delta and plan.from_data]
-        balances = await asyncio.to_thread(self.ledger.balances, plan.limits() + delta_limits)
-        by_scope = {b.scope: b for b in balances}
-        messages = []
-        for scope in plan.scopes:
-            balance, key_delta = by_scope[scope.key], by_scope.get(scope.delta_key)
-            if after:
-                balance = replace(balance, spent=balance.spent + plan.charges[scope.key])
-                if key_delta is not None:
-                    key_delta = replace(key_delta, spent=key_delta.spent + plan.key_delta)
-            messages.append(balance_message(balance, scope.delta, key_delta))
-        return messages
+        balances = await asyncio.to_thread(self.ledger.balances, plan.balance_limits())
+        if after:
+            balances = [
+                replace(balance, spent=balance.spent + plan.charge_of(balance.scope))
+                for balance in balances
+            ]
+        return self._balance_messages(plan, balances)
+
+    @staticmethod
+    def _balance_messages(
+        plan: QueryPlan, balances: Iterable[Balance]
+    ) -> list[query_service_pb2.BudgetBalance]:
+        by_scope = {balance.scope: balance for balance in balances}
+        return [
+            balance_message(by_scope[s.key], s.delta, by_scope.get(s.delta_key))
+            for s in plan.scopes
+            if s.key in by_scope
+        ]
 
     # -- RPCs -------------------------------------------------------------------------------
 
@@ -243,22 +252,32 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
                         for g in response.groups
                         for v in g.values
                     ]
-                    record["budget_left"] = budget_left_fields(await self._balances(plan))
+                    # As the reservation left each scope, read in its own transaction.
+                    deltas = {s.key: s.delta for s in plan.scopes}
+                    record["budget_left"] = budget_left_fields(
+                        remaining_message(b, deltas[b.scope])
+                        for b in reservation.balances
+                        if b.scope in deltas  # not the parallel #key_delta scopes
+                    )
                     answer_cache_key = cache_key
-                # The record is durable before the answer leaves (and before the commit: a crash
-                # in between leaves the reservation charged and the release logged).
-                response.audit_sequence = await asyncio.to_thread(
-                    self.audit.append, "query", record
-                )
-                written = True
-                await asyncio.to_thread(
-                    self.ledger.commit,
-                    consumer,
-                    request.request_id,
-                    response.SerializeToString(),
-                    cache_key=answer_cache_key,
-                )
-                response.budget_left.extend(await self._balances(plan))
+
+                def record_then_commit() -> list[Balance]:
+                    # One worker thread, in this order: the record is durable before the commit
+                    # and before the answer leaves (a crash in between leaves the reservation
+                    # charged and the release logged); the stored answer carries its sequence.
+                    nonlocal written
+                    response.audit_sequence = self.audit.append("query", record)
+                    written = True
+                    return self.ledger.commit(
+                        consumer,
+                        request.request_id,
+                        response.SerializeToString(),
+                        cache_key=answer_cache_key,
+                        balances_of=plan.balance_limits(),
+                    )
+
+                balances = await asyncio.to_thread(record_then_commit)
+                response.budget_left.extend(self._balance_messages(plan, balances))
                 return response
             except SilogateError as err:
                 record.update(reason=err.reason, message=err.message)

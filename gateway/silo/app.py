@@ -54,7 +54,7 @@ async def start_silo(config: SiloConfig) -> SiloProcess:
         policy = PolicyHolder(
             config.policy,
             config.policy_verify_key,
-            on_activate=lambda bundle: _log_activation(release_log, bundle),
+            on_activate=lambda bundle: _activate(release_log, engine, bundle),
             logger=log,
             on_refuse=lambda err: _log_refusal(release_log, policy, err),
             # A bundle declaring a table this database lacks is refused at start-up and on reload.
@@ -147,7 +147,9 @@ def _prepare_bounding(config: SiloConfig, engine: DuckDbEngine, bundle: Bundle) 
     return frozenset(one_row)
 
 
-def _log_activation(release_log: AuditLog, bundle: Bundle) -> None:
+def _activate(release_log: AuditLog, engine: DuckDbEngine, bundle: Bundle) -> None:
+    # Exact results computed under the previous bundle are not reused under this one.
+    engine.forget_results()
     # The silo operator's own record of which policy version judged the releases that follow.
     release_log.append("policy_activated", {"policy_version": bundle.version})
 

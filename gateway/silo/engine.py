@@ -17,6 +17,7 @@ import secrets
 import shutil
 import tempfile
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol
 
@@ -31,6 +32,12 @@ from gateway.silo.sql import DUCKDB, CompiledSql, Dialect, compile_excess_rows, 
 DEFAULT_MEMORY_LIMIT = "512MB"
 DEFAULT_THREADS = 2
 _SCRATCH = "silogate_scratch"
+# Exact results kept per engine (see ExactResultCache): a few hundred distinct query shapes cover
+# a department's recurring questions; a result of more rows than this is not kept.
+DEFAULT_RESULT_CACHE_ENTRIES = 256
+MAX_CACHED_ROWS = 100_000
+
+Rows = list[tuple[object, ...]]
 
 
 class Engine(Protocol):
@@ -73,6 +80,83 @@ def excess_fingerprint(dataset: Dataset) -> str:
     return hashlib.sha256(repr(shape).encode()).hexdigest()[:16]
 
 
+_Key = tuple[str, tuple[tuple[type, object], ...]]
+
+
+def _key(compiled: CompiledSql) -> _Key:
+    # Each parameter with its type: True, 1 and Decimal("1") are equal (and hash alike) in
+    # Python, but need not bind alike in SQL.
+    return compiled.sql, tuple((type(p), p) for p in compiled.parameters)
+
+
+class ExactResultCache:
+    """A small bounded (LRU) map from compiled release SQL and its parameters to the exact rows
+    that SQL returned: a process-local memo of the engine, never a cache of answers.
+
+    Why it is sound, for a DuckDB file opened read-only (:class:`DuckDbEngine`): DuckDB holds the
+    file's lock while the silo runs, so no process can change the tables, and the release SQL is
+    deterministic (bounding orders rows by a hash of their own values, sums are integer sums, no
+    clock or random function is called; see :mod:`gateway.silo.sql`). The rows of one (SQL text,
+    parameters) pair are therefore the same every time the query runs; reusing them is exactly
+    re-running it. The SQL text spells out everything the policy decides about the result (table,
+    columns, bounds, resolution, rows kept per person, the stored excess-row table, which is named
+    by the fingerprint of its declaration), so a result can only be reused by the same bounded
+    query. Everything after the engine is unchanged: each release still has its plan checked,
+    its silo cap charged, fresh noise drawn from OpenDP, its receipt signed and its release log
+    record written; a cached exact aggregate never leaves the process, as before. The exact rows
+    stay in the silo's memory, which already holds the data they come from.
+
+    ``invalidate`` (on every policy activation) empties the cache and starts a new generation;
+    a query that read the generation before it does not store its rows. The SQL text already
+    tells results of different declarations apart: this bounds what is kept to the queries of the
+    active bundle.
+    """
+
+    def __init__(self, max_entries: int = DEFAULT_RESULT_CACHE_ENTRIES) -> None:
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self._rows: OrderedDict[_Key, Rows] = OrderedDict()
+        self._generation = 0
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def get(self, compiled: CompiledSql) -> Rows | None:
+        key = _key(compiled)
+        with self._lock:
+            rows = self._rows.get(key)
+            if rows is None:
+                self.misses += 1
+                return None
+            self._rows.move_to_end(key)
+            self.hits += 1
+        return list(rows)  # a copy: the caller may not change what is kept
+
+    def put(self, compiled: CompiledSql, rows: Rows, generation: int) -> None:
+        """Keep ``rows`` unless the cache was invalidated since ``generation`` was read."""
+        if self.max_entries <= 0 or len(rows) > MAX_CACHED_ROWS:
+            return
+        key = _key(compiled)
+        with self._lock:
+            if generation != self._generation:
+                return
+            self._rows[key] = list(rows)
+            self._rows.move_to_end(key)
+            while len(self._rows) > self.max_entries:
+                self._rows.popitem(last=False)
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._rows.clear()
+
+
 class DuckDbEngine:
     """A DuckDB file opened read-only: DuckDB holds its lock, so while the silo runs no other
     process can write the table. Facts verified at start-up (one row per person, which persons
@@ -87,6 +171,7 @@ class DuckDbEngine:
         *,
         memory_limit: str = DEFAULT_MEMORY_LIMIT,
         threads: int = DEFAULT_THREADS,
+        result_cache_entries: int = DEFAULT_RESULT_CACHE_ENTRIES,
     ) -> None:
         if not Path(path).is_file():
             raise ConfigurationError(f"silo database file not found: {path}", reason="DATA_MISSING")
@@ -109,6 +194,7 @@ class DuckDbEngine:
         # Unique per engine: connections to one file in one process share a DuckDB instance and
         # its attached databases (tests run several silos on the same file).
         self._scratch_name = f"{_SCRATCH}_{secrets.token_hex(6)}"
+        self.results = ExactResultCache(result_cache_entries)
 
     def tables(self) -> set[str]:
         with self._lock:
@@ -167,7 +253,7 @@ class DuckDbEngine:
         """The excess rows prepared for exactly this declaration, if any."""
         return self._excess.get(excess_fingerprint(dataset))
 
-    def _run(self, compiled: CompiledSql) -> list[tuple[object, ...]]:
+    def _run(self, compiled: CompiledSql) -> Rows:
         with self._lock:
             cursor = self._db.cursor()
         try:
@@ -177,8 +263,20 @@ class DuckDbEngine:
         finally:
             cursor.close()
 
-    async def fetch(self, compiled: CompiledSql) -> list[tuple[object, ...]]:
-        return await asyncio.to_thread(self._run, compiled)
+    async def fetch(self, compiled: CompiledSql) -> Rows:
+        """The exact rows of ``compiled``: from :class:`ExactResultCache` when this SQL ran
+        before under the current policy, else from DuckDB (in a worker thread)."""
+        rows = self.results.get(compiled)
+        if rows is not None:
+            return rows
+        generation = self.results.generation
+        rows = await asyncio.to_thread(self._run, compiled)
+        self.results.put(compiled, rows, generation)
+        return rows
+
+    def forget_results(self) -> None:
+        """Drop every cached exact result (called on each policy activation)."""
+        self.results.invalidate()
 
     def close(self) -> None:
         with self._lock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from fractions import Fraction
+from typing import Any
 
 import grpc
 
@@ -127,17 +128,29 @@ class SiloServicer(silo_service_pb2_grpc.SiloServiceServicer):
             for plan, measure in zip(request.plans, query.measures, strict=True)
         ]
         charges = self.caps.charges(bundle, checked)
-        reserved = await asyncio.to_thread(
+        # No worker thread when no dataset of the release has a cap (nothing to reserve).
+        reserved = bool(charges) and await asyncio.to_thread(
             self.caps.reserve, request.consumer, request.request_id, query.digest, charges
         )
+        logged = False
+
+        def log_then_commit(entry: dict[str, Any]) -> None:
+            # One worker thread for both, in this order: the cap is committed only once the
+            # release is in the silo's log. The append waits for its disk sync; the silo keeps
+            # serving other releases meanwhile (concurrent appends share one sync).
+            nonlocal logged
+            self.release_log.append("release", entry)
+            logged = True
+            if reserved:
+                self.caps.commit(request.consumer, request.request_id)
+
         try:
-            response = await self._release(request, query, bundle, checked)
+            response, entry = await self._release(request, query, bundle, checked)
+            await asyncio.to_thread(log_then_commit, entry)
         except BaseException:
-            if reserved:  # nothing left the silo: the cap is not charged
+            if reserved and not logged:  # nothing left the silo: the cap is not charged
                 await asyncio.to_thread(self.caps.cancel, request.consumer, request.request_id)
             raise
-        if reserved:
-            await asyncio.to_thread(self.caps.commit, request.consumer, request.request_id)
         return response
 
     async def _release(
@@ -146,7 +159,8 @@ class SiloServicer(silo_service_pb2_grpc.SiloServiceServicer):
         query: QueryForm,
         bundle: Bundle,
         checked: list[CheckedMeasure],
-    ) -> silo_service_pb2.ReleaseResponse:
+    ) -> tuple[silo_service_pb2.ReleaseResponse, dict[str, Any]]:
+        """The noisy, signed response and its release log record (not yet written)."""
         # Keys from the data: the threshold release finds them (group_keys lists public ones).
         keys = [] if any(m.threshold for m in checked) else group_keys(query, bundle)
         releases = [
@@ -170,16 +184,10 @@ class SiloServicer(silo_service_pb2_grpc.SiloServiceServicer):
             releases=releases,
             released_at=released_at,
         )
-        # In a worker thread: the append waits for its disk sync, and the silo keeps serving other
-        # releases meanwhile (concurrent appends share one sync). Awaited before answering.
-        await asyncio.to_thread(
-            self.release_log.append,
-            "release",
-            release_log_entry(
-                receipt, request, policy_version=bundle.version, query=query, releases=releases
-            ),
+        entry = release_log_entry(
+            receipt, request, policy_version=bundle.version, query=query, releases=releases
         )
-        return silo_service_pb2.ReleaseResponse(releases=releases, receipt=receipt)
+        return silo_service_pb2.ReleaseResponse(releases=releases, receipt=receipt), entry
 
 
 def _key_delta(rule: Rule) -> Fraction | None:

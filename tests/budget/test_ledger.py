@@ -89,6 +89,31 @@ def test_reserve_then_commit_moves_the_cost_from_reserved_to_spent(
     }
 
 
+def test_reserve_and_commit_return_the_balances_they_left(ledger: PrivacyLedger) -> None:
+    """The balances a reservation and a commit return are what ``balances`` reads right after
+    them (the gateway records and answers them without reading the ledger again)."""
+    monthly = charge(GRANT, Fraction(50), Fraction(1, 8), period="month")
+    population = charge(POPULATION, Fraction(800), Fraction(1, 4))
+    untouched = ScopeLimit("dataset:civil.residents/lifetime", "lifetime", Fraction(7))
+    ledger.reserve(CONSUMER, "earlier", "digest-0", [population])
+    reservation = ledger.reserve(CONSUMER, "r1", "digest-1", [monthly, population])
+    assert list(reservation.balances) == ledger.balances([monthly.limit, population.limit])
+    assert reservation.balances[0].window.startswith(f"{GRANT}@")
+    assert reservation.balances[0].period_end is not None
+    assert [b.reserved for b in reservation.balances] == [Fraction(1, 8), Fraction(1, 2)]
+    limits = [untouched, population.limit, monthly.limit]
+    committed = ledger.commit(CONSUMER, "r1", b"answer", balances_of=limits)
+    assert committed == ledger.balances(limits)
+    assert [(b.spent, b.reserved) for b in committed] == [
+        (Fraction(0), Fraction(0)),
+        (Fraction(1, 4), Fraction(1, 4)),
+        (Fraction(1, 8), Fraction(0)),
+    ]
+    assert ledger.commit(CONSUMER, "earlier", b"answer") == []
+    # A replay or a cached answer charges nothing and carries no balances.
+    assert ledger.reserve(CONSUMER, "r1", "digest-1", [monthly, population]).balances == ()
+
+
 def test_refusal_names_the_short_scope_and_charges_nothing(ledger: PrivacyLedger) -> None:
     ledger.reserve(CONSUMER, "r1", "d1", [charge(GRANT, Fraction(1), Fraction(3, 4))])
     with pytest.raises(BudgetExhausted) as info:
