@@ -158,20 +158,6 @@ def test_signing_is_deterministic(signer: ReceiptSigner) -> None:
     assert _sign(signer) == _sign(signer)
 
 
-def test_the_signature_is_the_one_pycryptodome_makes_with_the_key_file(
-    signer: ReceiptSigner, keys: tuple[Path, Path]
-) -> None:
-    """The signer uses OpenSSL; RFC 8032 signatures are deterministic, so the PEM key read by
-    pycryptodome signs every statement with exactly the same bytes."""
-    from Crypto.Signature import eddsa
-
-    receipt = _sign(signer)
-    record = receipt_to_record(receipt)
-    statement = jcs.canonicalize({name: record[name] for name in STATEMENT_FIELDS})
-    key = ECC.import_key(keys[0].read_bytes())
-    assert eddsa.new(key, "rfc8032").sign(statement) == receipt.signature
-
-
 def test_values_digest_is_canonical_and_orders_matter() -> None:
     releases = _releases()
     document = [
