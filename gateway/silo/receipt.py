@@ -434,8 +434,11 @@ def release_log_entry(
     canonical form), ``query_digest``, ``rho`` (the total the silo accepted, as in the receipt),
     ``rho_per_measure`` and ``scales`` (per measure id: one scale per component, as released),
     ``values_digest``, ``digest`` (the receipt's, which reconciliation matches) and ``receipt``
-    (:func:`receipt_to_record`, so the log alone proves what the silo signed).
+    (:func:`receipt_to_record`, so the log alone proves what the silo signed). A release of
+    group keys from the data adds ``key_delta`` (the exact delta it spent) and ``key_thresholds``
+    (per measure id).
     """
+    thresholds = {p.measure.id: p for p in request.plans if p.HasField("key_threshold")}
     return {
         "request_id": receipt.request_id,
         "consumer": request.consumer,
@@ -453,6 +456,14 @@ def release_log_entry(
         "values_digest": receipt.values_digest,
         "digest": receipt.digest,
         "receipt": receipt_to_record(receipt),
+        **(
+            {
+                "key_delta": str(sum(Fraction(p.key_threshold.delta) for p in thresholds.values())),
+                "key_thresholds": {m: p.key_threshold.threshold for m, p in thresholds.items()},
+            }
+            if thresholds
+            else {}
+        ),
     }
 
 

@@ -164,6 +164,14 @@ def test_a_release_lists_keys_above_the_threshold_and_its_receipt_covers_them(ev
     assert problem is not None and "digest" in problem
 
 
+def test_the_release_log_records_the_key_delta_and_threshold(events) -> None:
+    _, planned = _plan()
+    log = Path(events["root"]) / "state" / "silo-events"
+    [record] = [r for r in iter_records(log) if r.get("request_id") == "keys-1"]
+    assert record["key_delta"] == str(KEY_DELTA)
+    assert record["key_thresholds"] == {"cases": planned.threshold}
+
+
 def test_the_silo_cap_counts_key_delta(events) -> None:
     channel, stub = _stub(events)
     with channel:
