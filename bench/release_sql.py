@@ -75,7 +75,9 @@ def _measure(case: Case, database: Path, out: multiprocessing.SimpleQueue[str]) 
     """One silo-like process: open the engine, prepare what the silo prepares, time the SQL."""
     bundle = load_bundle(REPO / "policies")
     dataset = bundle.datasets[case.dataset]
-    engine = DuckDbEngine(database)
+    # No exact-result cache: every timed run must execute its SQL (the silo's cache would answer
+    # the second run of the same SQL from memory, for the release and the baseline alike).
+    engine = DuckDbEngine(database, result_cache_entries=0)
     lines: list[str] = []
     try:
         table, group = quote(dataset.table), quote(case.group)

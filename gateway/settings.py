@@ -124,6 +124,9 @@ class EngineSettings(_Config):
         "512MB"
     )
     threads: Annotated[int, Field(ge=1, le=256)] = 2
+    # Exact (pre-noise) results kept in memory per compiled release SQL (0: none); see
+    # gateway.silo.engine.ExactResultCache. Noise, caps, receipts and logs are per release.
+    result_cache_entries: Annotated[int, Field(ge=0, le=100_000)] = 256
 
 
 class SiloConfig(_Config):

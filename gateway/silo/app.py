@@ -45,7 +45,10 @@ async def start_silo(config: SiloConfig) -> SiloProcess:
     credentials = server_credentials(config.tls.files())
     signer = ReceiptSigner.load(config.receipt_key)  # before anything opens: nothing to undo
     engine = DuckDbEngine(
-        config.database, memory_limit=config.engine.memory_limit, threads=config.engine.threads
+        config.database,
+        memory_limit=config.engine.memory_limit,
+        threads=config.engine.threads,
+        result_cache_entries=config.engine.result_cache_entries,
     )
     release_log = open_audit_log(
         config.release_log, config.audit_log, origin=f"silogate/silo/{config.silo}"
