@@ -1,11 +1,13 @@
 """The audit log writer: durable records in a Merkle tree, segments, signed checkpoints.
 
-``append(kind, fields)`` gives the record the next sequence number (its leaf index), writes it as
-one canonical (RFC 8785) JSON line to the current segment, adds its leaf hash to the in-memory
+``append(kind, fields)`` gives the record the next sequence number (its leaf index), encodes it as
+one canonical (RFC 8785) JSON line for the current segment, adds its leaf hash to the in-memory
 Merkle frontier (O(log n)), and returns only once the line is on disk (``fdatasync``). Concurrent
-appends share one sync ("group commit"): while one thread syncs, others write their lines and
-then wait for the next sync, which covers them all. Durability before the answer is unchanged;
-only the number of syncs per record falls under load. The on-disk layout is described in
+appends share one write and one sync ("group commit"): while one thread syncs, others queue
+their lines and wait; the next of them writes every queued line at once and syncs, which covers
+them all. Durability before the answer is unchanged; only the number of system calls per record
+falls under load. A write that fails is taken back whole: every append in it raises, and the
+log goes on from the sequence number it had. The on-disk layout is described in
 :mod:`gateway.audit.store`.
 
 Segments rotate when the next record would make the current one larger than
@@ -97,20 +99,31 @@ class AuditLogOptions:
 class _Waiter:
     """An append waiting for a sync that covers its record; woken exactly once."""
 
-    __slots__ = ("_ready", "lead", "target")
+    __slots__ = ("_ready", "dropped", "lead", "target")
 
     def __init__(self, target: int) -> None:
         self.target = target
         self.lead = False
+        self.dropped: AuditUnavailable | None = None  # its record was never written
         self._ready = threading.Lock()
         self._ready.acquire()
 
-    def wake(self, *, lead: bool = False) -> None:
+    def wake(self, *, lead: bool = False, dropped: AuditUnavailable | None = None) -> None:
         self.lead = lead
+        self.dropped = dropped
         self._ready.release()
 
     def wait(self) -> None:
         self._ready.acquire()
+
+
+@dataclass
+class _Queued:
+    """Records numbered and hashed but not yet written, and the log as it was before them."""
+
+    lines: list[bytes]
+    frontier: Frontier
+    segment_bytes: int
 
 
 def _now_text() -> str:
@@ -284,6 +297,11 @@ class AuditLog:
         self._leading = False
         self._in_flight = False
         self._waiters: list[_Waiter] = []
+        # Lines are written by the append that syncs, all at once (see `_queue_line`); a failed
+        # write drops them and bumps the epoch, which their appends check.
+        self._queued: _Queued | None = None
+        self._epoch = 0
+        self._dropped: AuditUnavailable | None = None
         self._failure: str | None = None
         self._closed = False
         self._wake = threading.Event()
@@ -552,11 +570,11 @@ class AuditLog:
                     metadata={"kind": kind, "limit": limit},
                 ) from None
             self._rotate_if_due(len(line) + 1)
-            self._write_line(line)
-            target = self._appender.size
+            self._queue_line(line)
+            target, epoch = self._appender.size, self._epoch
             if target - self._checkpointed_size() >= self.options.checkpoint_every_records:
                 self._wake.set()
-        self._sync_through(target)
+        self._sync_through(target, epoch)
         return sequence
 
     def _check_usable(self) -> None:
@@ -568,24 +586,49 @@ class AuditLog:
                 metadata={"error": self._failure},
             )
 
-    def _write_line(self, line: bytes) -> None:
-        try:
-            _write_all(self._fd, line + b"\n")
-        except OSError as err:
-            # Take back a partial line so the file stays a sequence of whole records.
-            try:
-                os.ftruncate(self._fd, self._segment_bytes)
-            except OSError:
-                self._failure = err.strerror or "write failed"
-            raise AuditUnavailable(
-                f"cannot write the audit log: {err.strerror}", metadata={"error": err.strerror}
-            ) from err
+    def _queue_line(self, line: bytes) -> None:
+        """Number and hash ``line``; the append that syncs next writes it with the others.
+
+        One ``write`` per sync rather than per record: a system call releases the GIL, and with
+        the log lock held that made every other writer queue behind it.
+        """
+        if self._queued is None:
+            self._queued = _Queued([], self._appender.frontier(), self._segment_bytes)
+        self._queued.lines.append(line + b"\n")
         if self._segment_bytes == 0:
             self._segment_opened = self._clock()  # a segment's age counts from its first record
         self._segment_bytes += len(line) + 1
         self._appender.append(leaf_hash(line))
 
-    def _sync_through(self, target: int) -> None:
+    def _write_queued_locked(self) -> None:
+        """With the log lock held: write the queued lines. If that fails, take the partial
+        bytes back and drop the queued records (their appends raise); the log goes on."""
+        queued, self._queued = self._queued, None
+        if queued is None:
+            return
+        try:
+            _write_all(self._fd, b"".join(queued.lines))
+        except OSError as err:
+            # Take back a partial line so the file stays a sequence of whole records.
+            try:
+                os.ftruncate(self._fd, queued.segment_bytes)
+            except OSError:
+                self._failure = err.strerror or "write failed"
+            self._appender = CompactAppender(queued.frontier)
+            self._segment_bytes = queued.segment_bytes
+            dropped = AuditUnavailable(
+                f"cannot write the audit log: {err.strerror}", metadata={"error": err.strerror}
+            )
+            with self._synced:
+                # Every waiting append's record was queued: earlier ones are durable already.
+                self._epoch += 1
+                self._dropped = dropped
+                waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.wake(dropped=dropped)
+            raise dropped from err
+
+    def _sync_through(self, target: int, epoch: int) -> None:
         """Return once records up to ``target`` are durable (leader-follower group commit).
 
         One append at a time leads: it syncs everything written so far. Appends that finish
@@ -596,6 +639,9 @@ class AuditLog:
         ``notify_all`` woke every waiter after every sync, which cost more CPU than it saved.
         """
         with self._synced:
+            if epoch != self._epoch:  # a failed write dropped the record
+                assert self._dropped is not None
+                raise self._dropped
             if self._durable >= target:
                 return
             if self._failure is not None:
@@ -608,6 +654,8 @@ class AuditLog:
                 self._leading = True
         if waiter is not None:
             waiter.wait()
+            if waiter.dropped is not None:
+                raise waiter.dropped
             if not waiter.lead:
                 if self._durable < target:  # woken by a sync that failed
                     self._check_usable()
@@ -615,8 +663,15 @@ class AuditLog:
         self._lead()
 
     def _lead(self) -> None:
-        """Sync everything written so far, then wake the appends it covered and the next leader."""
+        """Write the queued lines and sync, then wake the appends covered and the next leader."""
         with self._lock:
+            if self._failure is None and self._fd >= 0:
+                try:
+                    self._write_queued_locked()
+                except AuditUnavailable:
+                    with self._synced:
+                        self._leading = False  # every waiting append was dropped with it
+                    raise
             # Taken under the log lock, which a rotation or close holds while it waits for
             # `_in_flight` to clear: the fd stays open until this sync returns.
             with self._synced:
@@ -666,12 +721,14 @@ class AuditLog:
         return covered, rest[0]
 
     def _sync_all_locked(self) -> None:
-        """With the log lock held: make everything written durable."""
+        """With the log lock held: write what is queued and make everything durable."""
         with self._synced:
             while self._in_flight:
                 self._synced.wait()
             if self._failure is not None:
                 self._check_usable()  # never sign or rotate over records that may be lost
+        self._write_queued_locked()
+        with self._synced:
             if self._durable >= self._appender.size:
                 return
             upto = self._appender.size

@@ -259,6 +259,60 @@ def test_a_failed_write_is_taken_back(
     assert _verify(tmp_path / "log", key)[0] == 0
 
 
+def test_a_failed_write_of_queued_records_drops_exactly_those(
+    tmp_path: Path, key: LogKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrent appends are written together by the append that syncs: when that write
+    fails, every append in it raises, none of its records is in the log, and the log goes on
+    with the next sequence number (no gap, no acknowledged record lost)."""
+    real_write, real_sync = log_module._write_all, log_module._sync
+    failed: list[int] = []
+
+    def slow_sync(fd: int) -> None:
+        time.sleep(0.002)  # writers pile up behind the sync: batches of several records
+        real_sync(fd)
+
+    def disk_full_once(fd: int, data: bytes) -> None:
+        if not failed and b'"kind":"query"' in data and data.count(b"\n") > 1:
+            failed.append(data.count(b"\n"))
+            real_write(fd, data[:30])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(fd, data)
+
+    monkeypatch.setattr(log_module, "_sync", slow_sync)
+    monkeypatch.setattr(log_module, "_write_all", disk_full_once)
+    directory = tmp_path / "log"
+    log = AuditLog(directory, signer=key.signer())
+    acknowledged: dict[str, int] = {}
+    dropped: list[str] = []
+    lock = threading.Lock()
+
+    def writer(worker: int) -> None:
+        for number in range(30):
+            record = query_record(worker * 100 + number)
+            try:
+                sequence = log.append("query", record)
+            except AuditUnavailable as err:
+                assert "No space left" in err.message
+                with lock:
+                    dropped.append(record["request_id"])
+            else:
+                with lock:
+                    acknowledged[record["request_id"]] = sequence
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    log.close()
+    assert failed and len(dropped) == failed[0]
+    records = list(iter_records(directory))
+    assert [r["seq"] for r in records] == list(range(240 - len(dropped)))
+    assert {r["request_id"]: r["seq"] for r in records} == acknowledged
+    assert _verify(directory, key)[0] == 0
+
+
 def test_a_failed_sync_stops_the_log(
     tmp_path: Path, key: LogKey, monkeypatch: pytest.MonkeyPatch
 ) -> None:
