@@ -170,9 +170,22 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     # fork starts workers at once with everything imported, and is safe while this process runs
     # one thread (the command line); otherwise a fork server starts them from a clean process.
     methods = multiprocessing.get_all_start_methods()
-    if threading.active_count() == 1 and "fork" in methods:
+    if _one_thread() and "fork" in methods:
         return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" in methods:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def _one_thread() -> bool:
+    """Whether this process runs a single thread, native ones included (as Python 3.12's fork
+    warning counts them)."""
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return threading.active_count() == 1
 
 
 @dataclass

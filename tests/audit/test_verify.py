@@ -514,3 +514,6 @@ def test_worker_processes_find_the_same_failures_in_the_same_order(
     assert run(2) == one
     assert run(3, max_failures=2) == run(1, max_failures=2)
     assert run(2, fail_fast=True) == run(1, fail_fast=True)
+    # Workers started by a fork server (what a process running other threads gets).
+    monkeypatch.setattr(record_checks, "_one_thread", lambda: False)
+    assert run(2) == one
