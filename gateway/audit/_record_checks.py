@@ -29,6 +29,7 @@ from gateway.audit import jcs
 from gateway.silo.receipt import ReceiptKeyring, record_shape_problem
 
 CHUNK_LINES = 512
+CHUNK_BYTES = 4 << 20  # and at most this much text (plus one line): records may be large
 # Below this many bytes of segments, starting worker processes costs more than they save.
 PARALLEL_FROM_BYTES = 8 << 20
 
@@ -194,6 +195,7 @@ class _Chunk:
     line: int  # line number of the chunk's first line
     first: int  # leaf index of the chunk's first line
     lines: list[bytes] = field(default_factory=list)
+    size: int = 0  # bytes of text
 
 
 Report = Callable[[str, int, int, str], None]
@@ -203,7 +205,8 @@ class RecordChecks:
     """Lines checked chunk by chunk, in ``jobs`` worker processes (in-process with one job);
     :meth:`settle` reports every problem of the lines added so far, in log order.
 
-    At most ``2 * jobs`` chunks are in flight, so memory stays bounded on any log size.
+    At most ``2 * jobs`` chunks (each of at most ``CHUNK_LINES`` lines and about
+    ``CHUNK_BYTES``) are in flight, so memory stays bounded on any log.
     """
 
     def __init__(
@@ -232,7 +235,8 @@ class RecordChecks:
                 self._submit(chunk)
             chunk = self._chunk = _Chunk(file, line, position)
         chunk.lines.append(data)
-        if len(chunk.lines) >= CHUNK_LINES:
+        chunk.size += len(data)
+        if len(chunk.lines) >= CHUNK_LINES or chunk.size >= CHUNK_BYTES:
             self._submit(chunk)
             self._chunk = None
 
