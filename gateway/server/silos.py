@@ -29,6 +29,7 @@ from gateway.settings import SiloEndpoint
 from gateway.silo.receipt import (
     load_receipt_public_key,
     receipt_problem,
+    request_key_delta,
     request_query,
     request_rho,
 )
@@ -273,4 +274,5 @@ def release_problem(
         query_digest=query.digest,
         datasets=query.datasets,
         rho=request_rho(request),
+        key_delta=request_key_delta(request),
     )

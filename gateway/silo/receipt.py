@@ -56,6 +56,8 @@ STATEMENT_FIELDS = (
     "values_digest",
     "key_id",
 )
+# Stated (signed, recorded) only when the release has them: the delta of keys from the data.
+OPTIONAL_FIELDS = ("key_delta",)
 RECORD_FIELDS = frozenset((*STATEMENT_FIELDS, "digest", "signature"))
 _HEX = frozenset("0123456789abcdef")
 _SIGNATURE_BYTES = 64
@@ -126,8 +128,16 @@ def values_digest(releases: Sequence[silo_service_pb2.MeasureRelease]) -> str:
     return hashlib.sha256(jcs.canonicalize_record(document)).hexdigest()
 
 
+def _statement_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields a receipt's signature covers: every statement field, and the optional ones
+    the receipt has."""
+    stated = {name: fields[name] for name in STATEMENT_FIELDS}
+    stated.update((name, fields[name]) for name in OPTIONAL_FIELDS if fields.get(name))
+    return stated
+
+
 def _statement(fields: Mapping[str, Any]) -> bytes:
-    return jcs.canonicalize_record({name: fields[name] for name in STATEMENT_FIELDS})
+    return jcs.canonicalize_record(_statement_fields(fields))
 
 
 def _statement_of(receipt: silo_service_pb2.ReleaseReceipt) -> bytes:
@@ -151,6 +161,14 @@ def request_query(request: silo_service_pb2.ReleaseRequest) -> QueryForm:
             measures=[plan.measure for plan in request.plans],
             group_by=request.group_by,
         )
+    )
+
+
+def request_key_delta(request: silo_service_pb2.ReleaseRequest) -> Fraction:
+    """The delta a release request's key thresholds state (0 when it has none)."""
+    return sum(
+        (Fraction(p.key_threshold.delta) for p in request.plans if p.HasField("key_threshold")),
+        Fraction(0),
     )
 
 
@@ -195,9 +213,10 @@ class ReceiptSigner:
         rho: Fraction,
         releases: Sequence[silo_service_pb2.MeasureRelease],
         released_at: str,
+        key_delta: Fraction = Fraction(0),
     ) -> silo_service_pb2.ReleaseReceipt:
         """The signed receipt of ``releases`` (Ed25519 is deterministic: one statement, one
-        signature)."""
+        signature). ``key_delta``: the delta keys from the data spent, stated when not 0."""
         fields: dict[str, Any] = {
             "silo": silo,
             "released_at": released_at,
@@ -208,6 +227,8 @@ class ReceiptSigner:
             "values_digest": values_digest(releases),
             "key_id": self.key_id,
         }
+        if key_delta:
+            fields["key_delta"] = rho_text(key_delta)
         statement = _statement(fields)
         return silo_service_pb2.ReleaseReceipt(
             **fields,
@@ -280,12 +301,13 @@ def receipt_problem(
     query_digest: str | None = None,
     datasets: Sequence[str] | None = None,
     rho: Fraction | None = None,
+    key_delta: Fraction | None = None,
 ) -> str | None:
     """What is wrong with a silo's receipt for ``releases``, or None when it holds.
 
     Checked: the silo's name, the request id, the values digest against the values received,
-    the query digest, datasets and rho when given (the gateway passes what it asked for), the
-    digest, the key id against the silo's configured key(s) and the signature.
+    the query digest, datasets, rho and key delta when given (the gateway passes what it asked
+    for), the digest, the key id against the silo's configured key(s) and the signature.
     """
     if receipt.silo != silo:
         return f"the receipt names another silo ({receipt.silo[:64]!r}, expected {silo!r})"
@@ -299,6 +321,8 @@ def receipt_problem(
         return f"the receipt states datasets {sorted(receipt.datasets)!r}, expected {sorted(datasets)!r}"
     if rho is not None and receipt.rho != rho_text(rho):
         return f"the receipt states rho {receipt.rho[:64]!r}, expected {rho_text(rho)!r}"
+    if key_delta is not None and receipt.key_delta != (rho_text(key_delta) if key_delta else ""):
+        return f"the receipt states key delta {receipt.key_delta[:64]!r}, expected {key_delta}"
     return _signature_problem(
         _statement_of(receipt), receipt.digest, receipt.signature, receipt.key_id, public_key
     )
@@ -316,6 +340,7 @@ def receipt_to_record(receipt: silo_service_pb2.ReleaseReceipt) -> dict[str, Any
         "rho": receipt.rho,
         "values_digest": receipt.values_digest,
         "key_id": receipt.key_id,
+        **({"key_delta": receipt.key_delta} if receipt.key_delta else {}),
         "digest": receipt.digest,
         "signature": base64.b64encode(receipt.signature).decode("ascii"),
     }
@@ -329,12 +354,14 @@ def record_shape_problem(record: object) -> str | None:
     missing = sorted(RECORD_FIELDS - set(record))
     if missing:
         return f"the receipt lacks {', '.join(missing)}"
-    extra = sorted(set(record) - RECORD_FIELDS)
+    extra = sorted(set(record) - RECORD_FIELDS - set(OPTIONAL_FIELDS))
     if extra:
         return f"the receipt has unknown field(s) {', '.join(extra[:5])}"
-    for name in RECORD_FIELDS - {"datasets"}:
+    for name in (RECORD_FIELDS - {"datasets"}) | (set(OPTIONAL_FIELDS) & set(record)):
         if not isinstance(record[name], str):
             return f"the receipt's {name} is not text"
+    if "key_delta" in record and not record["key_delta"]:
+        return "the receipt's key_delta is empty (a receipt without one leaves it out)"
     datasets = record["datasets"]
     if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets):
         return "the receipt's datasets are not a list of names"
@@ -392,7 +419,7 @@ class ReceiptKeyring:
         # Every statement field is text or a list of text under an ASCII name: the C encoder
         # writes those in RFC 8785 form, as the silo's signer did.
         try:
-            statement = jcs.canonicalize_plain({name: record[name] for name in STATEMENT_FIELDS})
+            statement = jcs.canonicalize_plain(_statement_fields(record))
         except jcs.NotCanonicalizable:
             return "the receipt's statement has no canonical form (a lone surrogate)"
         if record["digest"] != hashlib.sha256(statement).hexdigest():
@@ -458,7 +485,7 @@ def release_log_entry(
         "receipt": receipt_to_record(receipt),
         **(
             {
-                "key_delta": str(sum(Fraction(p.key_threshold.delta) for p in thresholds.values())),
+                "key_delta": receipt.key_delta,
                 "key_thresholds": {m: p.key_threshold.threshold for m, p in thresholds.items()},
             }
             if thresholds
@@ -468,6 +495,7 @@ def release_log_entry(
 
 
 __all__ = [
+    "OPTIONAL_FIELDS",
     "RECORD_FIELDS",
     "STATEMENT_FIELDS",
     "ReceiptKeyring",
@@ -480,6 +508,7 @@ __all__ = [
     "receipt_to_record",
     "record_shape_problem",
     "release_log_entry",
+    "request_key_delta",
     "request_query",
     "request_rho",
     "rho_text",

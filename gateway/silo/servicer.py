@@ -181,6 +181,7 @@ class SiloServicer(silo_service_pb2_grpc.SiloServiceServicer):
             query_digest=query.digest,
             datasets=list(query.datasets),
             rho=sum((m.rho for m in checked), Fraction(0)),
+            key_delta=sum((m.threshold.delta for m in checked if m.threshold), Fraction(0)),
             releases=releases,
             released_at=released_at,
         )

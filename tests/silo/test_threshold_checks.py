@@ -27,7 +27,11 @@ from gateway.privacy.thresholds import key_distance, plan_threshold
 from gateway.query.form import parse_query
 from gateway.server.silos import release_problem
 from gateway.server.status import parse_rpc_error
-from gateway.silo.receipt import load_receipt_public_key
+from gateway.silo.receipt import (
+    load_receipt_public_key,
+    receipt_record_problem,
+    receipt_to_record,
+)
 
 CONSUMER = "grid-centre"
 CASEWORK = "casework-monitoring"
@@ -158,6 +162,16 @@ def test_a_release_lists_keys_above_the_threshold_and_its_receipt_covers_them(ev
     assert [list(k.values) for k in release.keys] == sorted(list(k.values) for k in release.keys)
     public_key = load_receipt_public_key(events["pki"].receipt_keys("events").public)
     assert release_problem("events", request, response, [], public_key=public_key) is None
+    # The receipt signs the key delta too; as recorded, it verifies offline, and an edited
+    # key delta does not.
+    assert response.receipt.key_delta == str(KEY_DELTA)
+    record = receipt_to_record(response.receipt)
+    assert record["key_delta"] == str(KEY_DELTA)
+    assert receipt_record_problem(record, public_key) is None
+    edited = {**record, "key_delta": "1/1000000000000"}
+    assert "digest" in (receipt_record_problem(edited, public_key) or "")
+    emptied = {**record, "key_delta": ""}
+    assert "key_delta is empty" in (receipt_record_problem(emptied, public_key) or "")
     # Another key in place of a released one: the values digest no longer matches the receipt.
     response.releases[0].keys[0].values[0] = "worker-999"
     problem = release_problem("events", request, response, [], public_key=public_key)

@@ -298,6 +298,7 @@ class ReleaseReceipt(_message.Message):
     RHO_FIELD_NUMBER: _builtins.int
     VALUES_DIGEST_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
+    KEY_DELTA_FIELD_NUMBER: _builtins.int
     silo: _builtins.str
     """The silo's name."""
     digest: _builtins.str
@@ -316,6 +317,10 @@ class ReleaseReceipt(_message.Message):
     """SHA-256 (hex) of the released values (every component, in order)."""
     key_id: _builtins.str
     """Identifier of the signing key (hex SHA-256 of the raw public key, first 16 characters)."""
+    key_delta: _builtins.str
+    """Exact delta spent by data-dependent group keys ("p/q" or an integer string); empty, and
+    then not part of the signed statement, when the release has none.
+    """
     @_builtins.property
     def datasets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Datasets released from, "<silo>.<table>", sorted."""
@@ -333,10 +338,11 @@ class ReleaseReceipt(_message.Message):
         rho: _builtins.str = ...,
         values_digest: _builtins.str = ...,
         key_id: _builtins.str = ...,
+        key_delta: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["datasets", b"datasets", "digest", b"digest", "key_id", b"key_id", "query_digest", b"query_digest", "released_at", b"released_at", "request_id", b"request_id", "rho", b"rho", "signature", b"signature", "silo", b"silo", "values_digest", b"values_digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["datasets", b"datasets", "digest", b"digest", "key_delta", b"key_delta", "key_id", b"key_id", "query_digest", b"query_digest", "released_at", b"released_at", "request_id", b"request_id", "rho", b"rho", "signature", b"signature", "silo", b"silo", "values_digest", b"values_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
