@@ -36,6 +36,7 @@ def test_demo_runs_end_to_end_and_stops_every_process(tmp_path: Path) -> None:
     assert "org-department: residents aged 60+ and members per community" in out
     assert "PERMISSION_DENIED POLICY_DENIED" in out
     assert "budget left: civil-affairs" in out and "budget left: org-department" in out
+    assert "grid-centre: cases per handler (keys from the data" in out
     assert "every process stopped" in out
     # Every server bound a port and wrote it; after the demo none of them is still listening.
     ports = [int(p.read_text()) for p in (tmp_path / "run").glob("*.port")]
@@ -47,7 +48,10 @@ def test_demo_runs_end_to_end_and_stops_every_process(tmp_path: Path) -> None:
     civil_log = list(iter_records(tmp_path / "state" / "silo-civil"))
     assert sum(r["kind"] == "release" for r in civil_log) == 2  # civil affairs' silo asked twice
     audit = list(iter_records(tmp_path / "state" / "gateway" / "audit"))
-    assert sum(r.get("decision") == "released" for r in audit) == 4
+    assert sum(r.get("decision") == "released" for r in audit) == 5
+    # The grid centre's handlers came from the data: the record holds the delta and threshold.
+    [handlers] = [r for r in audit if "key_delta" in r]
+    assert handlers["key_delta"] == "1/1000000000" and handlers["key_thresholds"]["cases"] > 0
     assert sum(r.get("decision") == "denied" for r in audit) == 1
     # Both kinds of log were closed with a signed checkpoint that covers every record.
     for log, key in (("gateway/audit", "gateway-audit"), ("silo-civil", "silo-audit")):
