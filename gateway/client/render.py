@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from fractions import Fraction
 
 from google.protobuf.json_format import MessageToDict
 from rich.console import Console
@@ -27,6 +28,8 @@ def result_table(result: QueryResult, *, title: str = "", limit: int | None = No
         else ""
     )
     caption += f"cost ρ={result.raw.cost.rho_value:.4g}"
+    if result.raw.cost.key_delta:  # group keys from the data, released above a threshold
+        caption += f" + δ={float(Fraction(result.raw.cost.key_delta)):.2g}"
     caption += " · cached" if result.cached else ""
     caption += f" · audit #{result.audit_sequence}"
     table = Table(title=title or None, caption=caption, min_width=len(title) + 4)
@@ -59,6 +62,10 @@ def budget_table(balances: Sequence[query_service_pb2.BudgetBalance], *, title: 
     refreshing = any(b.period_end for b in balances)
     if refreshing:
         table.add_column("period ends")
+    # The delta group keys from the data may still spend, where a scope allows any.
+    key_deltas = any(b.HasField("key_delta") for b in balances)
+    if key_deltas:
+        table.add_column("key δ left", justify="right")
     for b in balances:
         cells = [
             b.scope,
@@ -68,7 +75,12 @@ def budget_table(balances: Sequence[query_service_pb2.BudgetBalance], *, title: 
             f"{b.remaining.rho_value:.4g}",
             f"{b.remaining.epsilon:.4g}",
         ]
-        table.add_row(*cells, *([b.period_end or "never"] if refreshing else []))
+        if refreshing:
+            cells.append(b.period_end or "never")
+        if key_deltas:
+            left = b.key_delta.remaining if b.HasField("key_delta") else ""
+            cells.append(f"{float(Fraction(left)):.2g}" if left else "")
+        table.add_row(*cells)
     return table
 
 

@@ -12,8 +12,10 @@ from fractions import Fraction
 import duckdb
 import grpc
 import pytest
+from rich.console import Console
 
 from gateway.client import ClientError, count, sum_of
+from gateway.client.render import budget_table, result_table
 
 CASEWORK = "casework-monitoring"
 WIDTH = 8  # discrete Gaussian: P(|noise| > 8 sigma) < 1.3e-15 per value
@@ -129,3 +131,27 @@ def test_a_rule_without_allow_data_dependent_keys_does_not_grant_them(system) ->
             group_by=["handler"],
         )
     assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_tables_show_the_delta_spent_and_the_key_delta_left(system) -> None:
+    with system.client("grid-centre") as client:
+        result = client.query(
+            purpose=CASEWORK,
+            measures=[count("cases", "events.cases", rho="0.125")],
+            group_by=["handler"],
+        )
+        balances = client.budget()
+    console = Console(width=200, record=True)
+    console.print(result_table(result))
+    console.print(budget_table(balances))
+    text = console.export_text()
+    assert "cost ρ=0.125 + δ=1e-09" in text
+    assert "key δ left" in text
+    [rule_line] = [line for line in text.splitlines() if RULE_SCOPE in line]
+    left = Fraction(1, 10**7) - key_delta_spent_of(balances)
+    assert f"{float(left):.2g}" in rule_line
+
+
+def key_delta_spent_of(balances) -> Fraction:
+    [balance] = [b for b in balances if b.scope == RULE_SCOPE]
+    return Fraction(balance.key_delta.spent)
