@@ -135,8 +135,8 @@ def check_answer_size(query: QueryForm, bundle: Bundle, limits: GatewayLimits) -
     sizes = []
     for column in query.group_by:
         key_set = dataset.columns[column].key_set
-        # Keys from the data: the silo releases at most max_groups of them (those with the
-        # largest noisy counts), so they count as one here.
+        # Keys from the data: the silo releases at most min(max_groups, max_values) of them
+        # (those with the largest noisy counts), so they count as one here.
         sizes.append(len(bundle.key_sets[key_set]) if key_set is not None else 1)
     groups = prod(sizes)
     # A histogram releases one value per bin in every group.

@@ -329,7 +329,8 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
                             silo_service_pb2.KeyThreshold(
                                 threshold=planning.threshold.threshold,
                                 delta=exact_text(planning.key_delta),
-                                max_keys=self.limits.max_groups,
+                                # One value per key: within both answer caps.
+                                max_keys=min(self.limits.max_groups, self.limits.max_values),
                             )
                             if planning.threshold
                             else None
