@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Literal
@@ -145,16 +146,27 @@ def minimum_scale(mechanism: MechanismName, sensitivity: Sensitivity, rho: Fract
     budget = float_at_most(rho)
     if not (d_in > 0 and budget > 0):
         raise ValueError(f"no noise scale for sensitivity {sensitivity} at rho {rho}")
-    scale = d_in / math.sqrt(2 * budget)
+    return smallest_fitting_scale(
+        d_in / math.sqrt(2 * budget),
+        lambda scale: satisfies(mechanism, scale, sensitivity, rho),
+        f"{sensitivity} at rho {rho}",
+    )
+
+
+def smallest_fitting_scale(start: float, fits: Callable[[float], bool], what: str) -> float:
+    """The smallest float scale that ``fits`` (a privacy map's check, monotone in the scale),
+    walking one float at a time from ``start``, a textbook scale a few floats from the boundary;
+    gives up after 64 steps."""
+    scale = start
     for _ in range(_MAX_STEPS):
-        if satisfies(mechanism, scale, sensitivity, rho):
+        if fits(scale):
             smaller = math.nextafter(scale, 0.0)
-            if not satisfies(mechanism, smaller, sensitivity, rho):
+            if not fits(smaller):
                 return scale
             scale = smaller
         else:
             scale = math.nextafter(scale, math.inf)
-    raise ArithmeticError(f"no minimum scale near {scale} for {sensitivity} at rho {rho}")
+    raise ArithmeticError(f"no minimum scale near {scale} for {what}")
 
 
 @functools.lru_cache(maxsize=_CACHE)

@@ -37,7 +37,7 @@ import opendp.prelude as dp
 from gateway.errors import InvalidQuery
 from gateway.policy.model import Dataset
 from gateway.privacy.conversions import float_at_most
-from gateway.privacy.noise import error95
+from gateway.privacy.noise import error95, smallest_fitting_scale
 from gateway.privacy.sensitivity import Sensitivity
 from gateway.query.form import MeasureForm
 from gateway.query.validate import THRESHOLD_MEASURES
@@ -45,7 +45,6 @@ from gateway.query.validate import THRESHOLD_MEASURES
 dp.enable_features("contrib")
 
 _CACHE = 4096
-_MAX_STEPS = 64
 _LARGEST_THRESHOLD = 2**62
 
 
@@ -133,20 +132,11 @@ def _minimum_scale(distance: KeyDistance, rho: Fraction) -> float:
     budget = float_at_most(rho)
     if budget <= 0:
         raise ValueError(f"no noise scale at rho {rho}")
-    scale = math.sqrt(l2_squared / (2 * budget))
-
-    def fits(s: float) -> bool:
-        return cost(s, distance.per_group, distance)[0] <= rho
-
-    for _ in range(_MAX_STEPS):
-        if fits(scale):
-            smaller = math.nextafter(scale, 0.0)
-            if not fits(smaller):
-                return scale
-            scale = smaller
-        else:
-            scale = math.nextafter(scale, math.inf)
-    raise ArithmeticError(f"no minimum scale near {scale} for {distance} at rho {rho}")
+    return smallest_fitting_scale(
+        math.sqrt(l2_squared / (2 * budget)),
+        lambda scale: cost(scale, distance.per_group, distance)[0] <= rho,
+        f"{distance} at rho {rho}",
+    )
 
 
 @functools.lru_cache(maxsize=_CACHE)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from decimal import Decimal
 from fractions import Fraction
 
 import duckdb
@@ -26,28 +25,16 @@ from gateway.privacy.thresholds import KeyDistance, key_distance, plan_threshold
 from gateway.query.form import FilterForm, MeasureForm, MeasureKind, Spend
 from gateway.silo.release import exact_key_counts
 from gateway.silo.sql import compile_excess_rows, compile_release_sql
-from tests.privacy.test_sensitivity import Row, load, neighbours
+from tests.privacy.test_sensitivity import Row, dataset, load, neighbours
 
 GROUPINGS: tuple[tuple[str, ...], ...] = (("community",), ("community", "kind"))
 
 
 def open_dataset(max_rows: int, max_groups: int | None) -> Dataset:
     """The sensitivity tests' table with ``community`` an open category (keys from the data)."""
-    return Dataset(
-        silo="civil",
-        table="t",
-        population="city-residents",
-        max_rows_per_person=max_rows,
-        max_groups_per_person=max_groups,
-        columns={
-            "community": Column(type="category"),
-            "kind": Column(type="category", key_set="kinds"),
-            "flag": Column(type="bool"),
-            "amount": Column(
-                type="decimal", bounds=(Decimal(-3), Decimal(5)), resolution=Decimal("0.5")
-            ),
-            "score": Column(type="int", bounds=(Decimal(0), Decimal(10))),
-        },
+    data = dataset(max_rows, max_groups)
+    return data.model_copy(
+        update={"columns": {**data.columns, "community": Column(type="category")}}
     )
 
 
