@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sys
 from collections.abc import Sequence
@@ -15,9 +16,10 @@ from gateway.api.v1 import query_pb2, query_service_pb2
 from gateway.client.client import QueryResult
 
 
-def _console() -> Console:
-    # Pipes and CI logs get a fixed width wide enough for budget scopes.
-    return Console(width=None if sys.stdout.isatty() else 110)
+def console() -> Console:
+    """The terminal's width, or where output goes to a pipe or a CI log, a fixed width wide
+    enough for most budget scopes on one line."""
+    return Console(width=None if sys.stdout.isatty() else 124)
 
 
 def result_table(result: QueryResult, *, title: str = "", limit: int | None = None) -> Table:
@@ -56,16 +58,17 @@ def budget_table(balances: Sequence[query_service_pb2.BudgetBalance], *, title: 
         title=title or None,
         caption="ρ (zCDP) adds up across queries; 'left as ε' is the one pure-DP query the rest pays for: ε = √(2ρ)",
     )
-    table.add_column("scope", no_wrap=True)
+    # Scopes are long; where the width runs out they wrap, so that no number is cut short.
+    table.add_column("scope", overflow="fold")
     for name in ("total ρ", "spent", "reserved", "left", "left as ε"):
-        table.add_column(name, justify="right")
+        table.add_column(name, justify="right", no_wrap=True)
     refreshing = any(b.period_end for b in balances)
     if refreshing:
-        table.add_column("period ends")
+        table.add_column("period ends", no_wrap=True)
     # The delta group keys from the data may still spend, where a scope allows any.
     key_deltas = any(b.HasField("key_delta") for b in balances)
     if key_deltas:
-        table.add_column("key δ left", justify="right")
+        table.add_column("key δ left", justify="right", no_wrap=True)
     for b in balances:
         cells = [
             b.scope,
@@ -76,12 +79,21 @@ def budget_table(balances: Sequence[query_service_pb2.BudgetBalance], *, title: 
             f"{b.remaining.epsilon:.4g}",
         ]
         if refreshing:
-            cells.append(b.period_end or "never")
+            cells.append(_period_end(b.period_end))
         if key_deltas:
             left = b.key_delta.remaining if b.HasField("key_delta") else ""
             cells.append(f"{float(Fraction(left)):.2g}" if left else "")
         table.add_row(*cells)
     return table
+
+
+def _period_end(iso: str) -> str:
+    """A period's end for a table: its date when it ends at midnight (periods do, in the ledger's
+    time zone), else to the minute. JSON output keeps the full instant."""
+    if not iso:
+        return "never"
+    end = dt.datetime.fromisoformat(iso)
+    return end.date().isoformat() if end.time() == dt.time(0) else end.strftime("%Y-%m-%d %H:%M")
 
 
 def _dump(value: object) -> None:
@@ -98,7 +110,7 @@ def print_result(result: QueryResult, *, output: str = "table") -> None:
             )
         )
     else:
-        _console().print(result_table(result))
+        console().print(result_table(result))
 
 
 def print_budget(balances: Sequence[query_service_pb2.BudgetBalance], *, output: str) -> None:
@@ -112,7 +124,7 @@ def print_budget(balances: Sequence[query_service_pb2.BudgetBalance], *, output:
             ]
         )
     else:
-        _console().print(budget_table(balances))
+        console().print(budget_table(balances))
 
 
 def print_datasets(datasets: Sequence[query_service_pb2.DatasetInfo], *, output: str) -> None:
@@ -141,4 +153,4 @@ def print_datasets(datasets: Sequence[query_service_pb2.DatasetInfo], *, output:
             ", ".join(c.name for c in d.columns if c.filterable),
             ", ".join(d.purposes),
         )
-    _console().print(table)
+    console().print(table)

@@ -11,7 +11,6 @@ clears a DP threshold come out. Budgets are printed at the end.
 
 from __future__ import annotations
 
-import sys
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -21,6 +20,7 @@ from rich.panel import Panel
 
 from gateway.client import ClientError, SilogateClient, count, histogram, mean_of, where
 from gateway.client.render import budget_table, result_table
+from gateway.client.render import console as render_console
 from gateway.demo.stack import Stack, start_stack
 from gateway.settings import ClientConfig, load_config
 
@@ -138,7 +138,7 @@ def _grid_centre(console: Console, client: SilogateClient) -> None:
 
 
 def run_demo(workdir: Path, *, people: int, seed: int) -> int:
-    console = Console(width=None if sys.stdout.isatty() else 110)
+    console = render_console()
     started = time.monotonic()
     console.print(Panel.fit("Silogate demo: four department silos and a gateway on loopback"))
     with start_stack(
