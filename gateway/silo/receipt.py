@@ -59,7 +59,11 @@ STATEMENT_FIELDS = (
 # Stated (signed, recorded) only when the release has them: the delta of keys from the data.
 OPTIONAL_FIELDS = ("key_delta",)
 RECORD_FIELDS = frozenset((*STATEMENT_FIELDS, "digest", "signature"))
+_KNOWN_FIELDS = RECORD_FIELDS | frozenset(OPTIONAL_FIELDS)
+# Checked in this order, so that a receipt with several wrong fields is always named alike.
+_TEXT_FIELDS = tuple(sorted(_KNOWN_FIELDS - {"datasets"}))
 _HEX = frozenset("0123456789abcdef")
+_BAD_SIGNATURE = "bad signature: it does not verify with the silo's receipt key"
 _SIGNATURE_BYTES = 64
 _KEY_ID_CHARS = 16
 
@@ -132,7 +136,10 @@ def _statement_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     """The fields a receipt's signature covers: every statement field, and the optional ones
     the receipt has."""
     stated = {name: fields[name] for name in STATEMENT_FIELDS}
-    stated.update((name, fields[name]) for name in OPTIONAL_FIELDS if fields.get(name))
+    for name in OPTIONAL_FIELDS:
+        value = fields.get(name)
+        if value:
+            stated[name] = value
     return stated
 
 
@@ -263,7 +270,7 @@ def _signature_problem(
     try:
         _verifier(raw_key).verify(statement, signature)
     except BadSignatureError:
-        return "bad signature: it does not verify with the silo's receipt key"
+        return _BAD_SIGNATURE
     return None
 
 
@@ -356,14 +363,13 @@ def record_shape_problem(record: object) -> str | None:
     (None when it is): every field present, of its type, hex digests, canonical base64."""
     if not isinstance(record, dict):
         return "a receipt is not an object"
-    missing = sorted(RECORD_FIELDS - set(record))
-    if missing:
-        return f"the receipt lacks {', '.join(missing)}"
-    extra = sorted(set(record) - RECORD_FIELDS - set(OPTIONAL_FIELDS))
-    if extra:
-        return f"the receipt has unknown field(s) {', '.join(extra[:5])}"
-    for name in (RECORD_FIELDS - {"datasets"}) | (set(OPTIONAL_FIELDS) & set(record)):
-        if not isinstance(record[name], str):
+    fields = record.keys()
+    if not fields >= RECORD_FIELDS:
+        return f"the receipt lacks {', '.join(sorted(RECORD_FIELDS - fields))}"
+    if not fields <= _KNOWN_FIELDS:
+        return f"the receipt has unknown field(s) {', '.join(sorted(fields - _KNOWN_FIELDS)[:5])}"
+    for name in _TEXT_FIELDS:
+        if name in record and not isinstance(record[name], str):
             return f"the receipt's {name} is not text"
     if "key_delta" in record and not record["key_delta"]:
         return "the receipt's key_delta is empty (a receipt without one leaves it out)"
@@ -440,7 +446,7 @@ class ReceiptKeyring:
         try:
             key.verify(statement, signature)
         except BadSignatureError:
-            return "bad signature: it does not verify with the silo's receipt key"
+            return _BAD_SIGNATURE
         return None
 
 
