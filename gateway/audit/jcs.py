@@ -271,10 +271,31 @@ def _read_int(token: str) -> int | float:
     return number
 
 
+class _NotPlain(Exception):
+    """A number token the plain reading leaves to the checking one."""
+
+
+def _read_plain_float(token: str) -> float:
+    # Python's repr writes exactly these doubles with an exponent or a trailing ".0", and only
+    # those differ from ECMAScript's form: any other token that re-encodes to itself is in it.
+    if "e" in token or "E" in token or token.endswith(".0"):
+        raise _NotPlain
+    return float(token)
+
+
+def _read_plain_int(token: str) -> int:
+    if len(token) > 15:  # from 16 characters on it may exceed 2**53: not an exact double
+        raise _NotPlain
+    return int(token)
+
+
 # Built once: the verifier checks every record, and building a decoder per call costs more
 # than the hooks.
 _CHECKING_DECODER = json.JSONDecoder(
     parse_constant=_reject_constant, parse_float=_read_float, parse_int=_read_int
+)
+_PLAIN_DECODER = json.JSONDecoder(
+    parse_constant=_reject_constant, parse_float=_read_plain_float, parse_int=_read_plain_int
 )
 _FAST_ENCODER = json.JSONEncoder(
     ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False
@@ -290,7 +311,23 @@ def canonical_value(document: bytes) -> Any:
     above U+E000 occurs), the same escapes, and every number token checked to be already in
     ECMAScript form, ``json.dumps`` writes what :func:`canonicalize` would. Anything else takes
     the exact path.
+
+    Most records hold only plain numbers (see :func:`plain_number`) and characters below
+    U+E000: they are read with the lightest hooks first, and a document that then re-encodes
+    to itself is canonical. Any other document, and any that fails, is read again with the
+    checking hooks, which give the verdict and its message.
     """
+    if document.isascii() or not _HIGH_CHARACTERS.search(document):
+        try:
+            value = _PLAIN_DECODER.decode(document.decode("utf-8"))
+            if _FAST_ENCODER.encode(value).encode("utf-8") == document:
+                return value
+        except (_NotPlain, ValueError, RecursionError, TypeError):
+            pass
+    return _checked_value(document)
+
+
+def _checked_value(document: bytes) -> Any:
     _reading.exact = not document.isascii() and bool(_HIGH_CHARACTERS.search(document))
     try:
         value = _CHECKING_DECODER.decode(document.decode("utf-8"))

@@ -86,6 +86,13 @@ def test_members_are_sorted_by_utf16_code_units() -> None:
     [
         b'{"a":1.0}',  # 1 is written without a fraction
         b'{"a":1e-07}',  # Python's exponent, not ECMAScript's
+        # Python writes these doubles so: each re-encodes to itself with json.dumps.
+        b'{"a":1e-05}',
+        b'{"a":[1,-0.0]}',
+        b'{"a":1e+16}',
+        b'{"a":{"b":1e+20}}',  # ECMAScript: 100000000000000000000
+        b'{"a":9007199254740993}',  # not a double
+        b'{"a":-12345678901234567890}',  # the double is written -12345678901234567000
         b'{"a":-0}',
         b'{"b":1,"a":2}',  # unsorted
         b'{"a":1,"a":1}',  # duplicate member
@@ -100,6 +107,20 @@ def test_members_are_sorted_by_utf16_code_units() -> None:
 )
 def test_non_canonical_documents_are_refused(document: bytes) -> None:
     assert not jcs.is_canonical(document)
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        b'{"a":0.00001}',  # ECMAScript's form, Python's repr differs (1e-05)
+        b'{"a":1e+21}',
+        b'{"a":10000000000000000}',  # 1e16
+        b'{"a":-12345678901234567000}',
+        b'{"a":[9007199254740992,-9007199254740992,1.5,-0.25]}',
+    ],
+)
+def test_canonical_numbers_python_writes_otherwise_are_accepted(document: bytes) -> None:
+    assert jcs.canonical_value(document) == jcs.parse(document)
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 2**53 + 1, b"bytes", {1: "a"}])

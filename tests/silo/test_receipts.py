@@ -19,6 +19,7 @@ from gateway.silo.receipt import (
     ReceiptSigner,
     generate_receipt_key,
     load_receipt_public_key,
+    receipt_key_id,
     receipt_problem,
     receipt_record_problem,
     receipt_to_record,
@@ -260,6 +261,25 @@ def test_a_forged_receipt_claiming_the_right_key_id_fails(
     assert _check(_sign(forger), public_key) == (
         "bad signature: it does not verify with the silo's receipt key"
     )
+
+
+def test_a_small_order_receipt_key_verifies_nothing(signer: ReceiptSigner) -> None:
+    """A silo key that is the identity point: with it, R = B and S = 1 satisfy the RFC 8032
+    equation for any statement (OpenSSL's check accepts that); libsodium refuses the key, so no
+    statement verifies with it, not in the gateway's check nor offline."""
+    identity = ECC.construct(curve="Ed25519", point_x=0, point_y=1)
+    forged = _sign(signer)
+    forged.key_id = receipt_key_id(identity)
+    base_point = bytes.fromhex("58" + "66" * 31)
+    forged.signature = base_point + (1).to_bytes(32, "little")
+    statement = jcs.canonicalize_record(
+        {k: v for k, v in receipt_to_record(forged).items() if k not in ("digest", "signature")}
+    )
+    forged.digest = hashlib.sha256(statement).hexdigest()
+    bad = "bad signature: it does not verify with the silo's receipt key"
+    assert _check(forged, identity) == bad
+    record = receipt_to_record(forged)
+    assert receipt_record_problem(record, identity) == bad
 
 
 def test_a_rotated_key_verifies_with_either_key(
