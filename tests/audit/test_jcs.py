@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -238,3 +240,32 @@ def test_a_query_record_takes_the_writer_fast_path() -> None:
         walk = log_module._Walk()
         log_module._jsonable({"v": odd}, walk)
         assert not walk.plain, odd
+
+
+def _written_otherwise(value: object, style: int) -> bytes:
+    """``value`` as other JSON writers put it: some of these are canonical, most are not."""
+    if style == 0:
+        return orjson.dumps(value)  # members in insertion order, floats as orjson writes them
+    if style == 1:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    if style == 2:
+        return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()  # \\u escapes
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode(
+        "utf-8", "surrogatepass"
+    )
+
+
+@settings(max_examples=1000, deadline=None)
+@given(record_values, st.integers(min_value=0, max_value=3))
+def test_the_check_accepts_exactly_the_documents_the_exact_encoder_reproduces(
+    value: object, style: int
+) -> None:
+    try:
+        document = _written_otherwise({"v": value}, style)
+    except (TypeError, ValueError):
+        return  # no form in this writer (an integer beyond 64 bits, a lone surrogate)
+    try:
+        reproduced = jcs.canonicalize(jcs.parse(document)) == document
+    except (jcs.NotCanonicalizable, ValueError):
+        reproduced = False
+    assert jcs.is_canonical(document) == reproduced
