@@ -310,16 +310,19 @@ def canonical_value(document: bytes) -> Any:
     """The value of ``document``, or :class:`NotCanonicalizable` unless re-encoding it gives
     exactly the same bytes.
 
-    The verifier calls this for every record, so the common case goes through the C JSON
-    encoder: with keys sorted by code point (equal to UTF-16 order unless a character at or
-    above U+E000 occurs), the same escapes, and every number token checked to be already in
-    ECMAScript form, ``json.dumps`` writes what :func:`canonicalize` would. Anything else takes
-    the exact path.
+    The verifier calls this for every record, so there are two fast paths before the exact one.
+    Keys sorted by code point equal UTF-16 order unless a character at or above U+E000 occurs;
+    both encoders below escape as RFC 8785 does.
 
-    Most records hold only plain numbers (see :func:`plain_number`) and characters below
-    U+E000: they are read with the lightest hooks first, and a document that then re-encodes
-    to itself is canonical. Any other document, and any that fails, is read again with the
-    checking hooks, which give the verdict and its message.
+    1. Most records hold only plain numbers (see :func:`plain_number`) and characters below
+       U+E000: they are read with the lightest hooks (any other number token stops the
+       reading), and a document that orjson then writes back byte for byte is canonical.
+    2. Otherwise the checking hooks read it, checking every number token to be in ECMAScript
+       form, and ``json.dumps`` writes what :func:`canonicalize` would, unless a number or
+       character needs the exact encoder, which then writes it.
+
+    The verdict and its message come from the second reading; ``tests/audit/test_jcs.py`` holds
+    the first to accept exactly the documents the exact encoder reproduces.
     """
     if document.isascii() or not _HIGH_CHARACTERS.search(document):
         try:
