@@ -139,3 +139,13 @@ def edit_rule(bundle: Path, rule: str, **values: str) -> None:
     document["rules"][rule].update(values)
     with path.open("w", encoding="utf-8") as handle:
         yaml.dump(document, handle)
+
+
+def set_silo_budget(bundle: Path, dataset: str, budget: dict[str, str]) -> None:
+    """Give ``dataset`` in ``bundle/datasets.yaml`` the silo cap ``budget``, keeping the rest."""
+    yaml = YAML()
+    path = bundle / "datasets.yaml"
+    document = yaml.load(path.read_text(encoding="utf-8"))
+    document["datasets"][dataset]["silo_budget"] = budget
+    with path.open("w", encoding="utf-8") as handle:
+        yaml.dump(document, handle)

@@ -329,8 +329,8 @@ def canonical_value(document: bytes) -> Any:
             value = _PLAIN_DECODER.decode(document.decode("utf-8"))
             if orjson.dumps(value, option=orjson.OPT_SORT_KEYS) == document:
                 return value
-        except (_NotPlain, ValueError, RecursionError, TypeError):
-            pass  # orjson's JSONEncodeError is a TypeError
+        except (_NotPlain, ValueError, RecursionError, orjson.JSONEncodeError):
+            pass  # not plain: the checking reading below gives the verdict and its message
     return _checked_value(document)
 
 

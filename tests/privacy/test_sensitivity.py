@@ -13,7 +13,6 @@ claims, and every plan must return the same vectors as the bounded one.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from decimal import Decimal
 from fractions import Fraction
 
@@ -78,14 +77,6 @@ def measure_form(
     kind: MeasureKind, column: str, bins: tuple[Decimal, ...], filters: tuple[FilterForm, ...]
 ) -> MeasureForm:
     return MeasureForm("m", "civil.t", kind, column, filters, Spend(epsilon=Fraction(1)), bins)
-
-
-@pytest.fixture(scope="module")
-def db() -> Iterator[duckdb.DuckDBPyConnection]:
-    connection = duckdb.connect()
-    connection.execute("CREATE SCHEMA scratch")
-    yield connection
-    connection.close()
 
 
 def load(db: duckdb.DuckDBPyConnection, rows: list[Row]) -> None:

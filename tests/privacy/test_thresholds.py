@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from fractions import Fraction
 
 import duckdb
@@ -40,14 +39,6 @@ def open_dataset(max_rows: int, max_groups: int | None) -> Dataset:
 
 def count_form(kind: MeasureKind, filters: tuple[FilterForm, ...] = ()) -> MeasureForm:
     return MeasureForm("m", "civil.t", kind, "", filters, Spend(rho=Fraction(1, 2)), ())
-
-
-@pytest.fixture(scope="module")
-def db() -> Iterator[duckdb.DuckDBPyConnection]:
-    connection = duckdb.connect()
-    connection.execute("CREATE SCHEMA scratch")
-    yield connection
-    connection.close()
 
 
 def key_counts(

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from ruamel.yaml import YAML
-from support import POLICY, BackgroundLoop, gateway_config, start_silos
+from support import POLICY, BackgroundLoop, gateway_config, set_silo_budget, start_silos
 
 from gateway.api.v1 import query_pb2, silo_service_pb2, silo_service_pb2_grpc
 from gateway.audit.store import iter_records
@@ -34,15 +33,14 @@ def capped(tmp_path_factory, data_dir, pki) -> Iterator[dict[str, object]]:
     root = tmp_path_factory.mktemp("capped")
     bundle = root / "policy"
     shutil.copytree(POLICY, bundle, ignore=shutil.ignore_patterns("tests"))
-    yaml = YAML()
-    path = bundle / "datasets.yaml"
-    document = yaml.load(path.read_text(encoding="utf-8"))
-    document["datasets"]["health.visits"]["silo_budget"] = {
-        "epsilon": CAP_EPSILON,
-        "period": "lifetime",
-    }
-    with path.open("w", encoding="utf-8") as out:
-        yaml.dump(document, out)
+    set_silo_budget(
+        bundle,
+        "health.visits",
+        {
+            "epsilon": CAP_EPSILON,
+            "period": "lifetime",
+        },
+    )
     loop = BackgroundLoop()
     silos = start_silos(loop, pki, data_dir, root, ["health"], policy=bundle)
     gateway = loop.run(

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from ruamel.yaml import YAML
-from support import POLICY, BackgroundLoop, start_silos
+from support import POLICY, BackgroundLoop, set_silo_budget, start_silos
 
 from gateway.api.v1 import query_pb2, silo_service_pb2, silo_service_pb2_grpc
 from gateway.audit.store import iter_records
@@ -44,16 +43,15 @@ def events(tmp_path_factory, data_dir, pki) -> Iterator[dict[str, object]]:
     root = tmp_path_factory.mktemp("events-threshold")
     bundle = root / "policy"
     shutil.copytree(POLICY, bundle, ignore=shutil.ignore_patterns("tests"))
-    yaml = YAML()
-    path = bundle / "datasets.yaml"
-    document = yaml.load(path.read_text(encoding="utf-8"))
-    document["datasets"]["events.cases"]["silo_budget"] = {
-        "rho": "100",
-        "key_delta": "2e-9",  # two releases at the rule's 1e-9
-        "period": "lifetime",
-    }
-    with path.open("w", encoding="utf-8") as out:
-        yaml.dump(document, out)
+    set_silo_budget(
+        bundle,
+        "events.cases",
+        {
+            "rho": "100",
+            "key_delta": "2e-9",  # two releases at the rule's 1e-9
+            "period": "lifetime",
+        },
+    )
     loop = BackgroundLoop()
     silos = start_silos(loop, pki, data_dir, root, ["events"], policy=bundle)
     yield {"root": root, "silo": silos["events"], "pki": pki, "bundle": load_bundle(bundle)}
