@@ -435,7 +435,7 @@ def receipt_record_problem(
 
 
 class ReceiptKeyring:
-    """A silo's public receipt keys by key id, each ready to verify with (libsodium's Ed25519).
+    """A silo's public receipt keys by key id, each ready to verify with (see :func:`_verifier`).
 
     Built once for a run that checks many receipts (``audit verify``, ``reconcile``): the keys
     are exported, identified and loaded once, not per receipt. ``raw`` (the raw public keys) is
