@@ -10,10 +10,10 @@ group commit achieved. Issue 7's target: >= 5,000 records per second.
 Verify: ``silogate audit verify``'s work on a log of such records with a checkpoint every 1,000
 records (canonical-form check, sequence, receipts, Merkle tree, signatures, consistency), full
 (every record), without and with the silo's receipt key (one Ed25519 verification per record),
-in one process (``--jobs 1``) and with one worker process per CPU. Baseline: reading the same
-lines and hashing each once (SHA-256), the least any verifier does. Issue 7's target: >= 20,000
-records per second, for a full verify. Then, apart: an incremental run (``--state``) after
-10,000 more records, which checks only those.
+in one process (``--jobs 1``) and with one worker process per CPU (the default). Baseline:
+reading the same lines and hashing each once (SHA-256), the least any verifier does. Issue 7's
+target: >= 20,000 records per second, for a full verify as it runs by default. Then, apart: an
+incremental run (``--state``) after 10,000 more records, which checks only those.
 """
 
 from __future__ import annotations
@@ -284,10 +284,17 @@ def run() -> None:
                 seconds, report = _verify(directory, key, keys, jobs, state if last else None)
                 assert report.records == VERIFY_RECORDS
                 verified = report.records / seconds
+                # The target is about verify as it runs by default (one worker per CPU); a
+                # one-process figure on a machine with more CPUs is for comparison only.
+                verdict = (
+                    _verdict(verified, VERIFY_TARGET)
+                    if jobs == cpus
+                    else "(one process, for comparison: the target is for the default --jobs)"
+                )
                 print(
                     f"audit verify, full, {label}, --jobs {jobs} ({report.records:,} records, "
                     f"{report.checkpoints} checkpoints): {verified:10,.0f} records/s "
-                    f"({verified / hashed:.2f}x baseline) {_verdict(verified, VERIFY_TARGET)}"
+                    f"({verified / hashed:.2f}x baseline) {verdict}"
                 )
         _write_verify_log(directory, signer, INCREMENT, first=VERIFY_RECORDS)
         seconds, report = _verify(directory, key, silo_keys, cpus, state)
