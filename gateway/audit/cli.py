@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from rich.progress import Progress
+
     from gateway.audit.reconcile import SiloLog
 
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -134,18 +136,46 @@ def _silo_keys(pairs: list[tuple[str, Path]]) -> dict[str, list[Path]]:
 def _verify(args: argparse.Namespace) -> int:
     from gateway.audit.verify import verify_log
 
-    report = verify_log(
-        args.directory,
-        keys=args.key,
-        state_file=args.state,
-        full=args.full,
-        allow_archived=args.allow_archived,
-        max_failures=args.max_failures,
-        silo_keys=_silo_keys(args.silo_key),
-        jobs=args.jobs,
-    )
+    with _verify_progress(enabled=sys.stderr.isatty()) as progress:
+        task = progress.add_task("verifying records", total=None)
+        report = verify_log(
+            args.directory,
+            keys=args.key,
+            state_file=args.state,
+            full=args.full,
+            allow_archived=args.allow_archived,
+            max_failures=args.max_failures,
+            silo_keys=_silo_keys(args.silo_key),
+            jobs=args.jobs,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
     sys.stdout.write(report.render())
     return 0 if report.ok else 1
+
+
+def _verify_progress(*, enabled: bool) -> Progress:
+    """A bar on standard error while the records are read (a terminal only: logs and pipes
+    get the report alone), gone once the report is written."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=not enabled,
+    )
 
 
 # -- prove / check-proof ----------------------------------------------------------------------

@@ -42,7 +42,7 @@ import datetime as dt
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +94,12 @@ class Finding:
         if self.seq is not None:
             where += f" (seq {self.seq})"
         return f"{where}: {self.message}"
+
+
+# Called with (bytes read, bytes to read) of the segments checked, every PROGRESS_LINES lines and
+# after each segment.
+Progress = Callable[[int, int], None]
+PROGRESS_LINES = 4096
 
 
 class _Stop(Exception):
@@ -188,8 +194,12 @@ class _Verifier:
         max_record_bytes: int,
         silo_keys: Mapping[str, Sequence[ECC.EccKey]],
         jobs: int,
+        progress: Progress | None = None,
     ) -> None:
         self.directory = directory
+        self.progress = progress
+        self.bytes_done = 0
+        self.bytes_total = 0
         self.keys = keys
         self.report = report
         self.checks = RecordChecks(
@@ -238,7 +248,8 @@ class _Verifier:
                     f"size {resume.size}; checked from sequence number {resume.size} on "
                     "(--full checks every record again)"
                 )
-        if _total_bytes(segments[first_checked:]) < PARALLEL_FROM_BYTES:
+        self.bytes_total = _total_bytes(segments[first_checked:])
+        if self.bytes_total < PARALLEL_FROM_BYTES:
             self.checks.jobs = 1
         for index in range(first_checked, len(segments)):
             segment = segments[index]
@@ -326,7 +337,7 @@ class _Verifier:
         """Hash every line of ``segment`` (but the first ``skip``, verified before) into the
         tree and queue its record checks; a finding of this loop first settles the checks of
         the lines before it (log order)."""
-        report, tree, checks = self.report, self.tree, self.checks
+        report, tree, checks, progress = self.report, self.tree, self.checks, self.progress
         try:
             lines = scan_lines(segment.path, self.max_record_bytes)
             if skip and not self._skip(segment, lines, skip):
@@ -360,11 +371,17 @@ class _Verifier:
                 tree.append(leaf_hash(line.data))
                 report.records += 1
                 checks.add(segment.name, line.number, position, line.data)
+                if progress is not None and line.number % PROGRESS_LINES == 0:
+                    progress(self.bytes_done + line.offset, self.bytes_total)
         except OSError as err:
             checks.settle()
             report.fail(segment.name, None, None, f"unreadable: {err.strerror}")
             return False
         checks.settle()
+        if progress is not None:
+            with contextlib.suppress(OSError):
+                self.bytes_done += segment.path.stat().st_size
+            progress(min(self.bytes_done, self.bytes_total), self.bytes_total)
         return True
 
     def _skip(self, segment: Segment, lines: Iterator[Line], count: int) -> bool:
@@ -665,11 +682,13 @@ def verify_log(
     max_record_bytes: int = DEFAULT_MAX_LINE_BYTES,
     silo_keys: Mapping[str, Sequence[Path]] | None = None,
     jobs: int | None = None,
+    progress: Progress | None = None,
 ) -> VerifyReport:
     """Check the audit log in ``directory`` (see the module docstring). ``silo_keys``: each
     silo's public receipt key file(s) (several after a rotation). ``jobs``: worker processes
     checking records (default: one per CPU; 1 checks in this process). With a ``state_file``
     that holds a frontier, only the records after its size are checked unless ``full``.
+    ``progress``, when given, is called with (bytes read, bytes to read) as records are read.
     Keys that cannot be read raise ``ConfigurationError``; everything about the log goes into
     the report."""
     return verify_with_keys(
@@ -685,6 +704,7 @@ def verify_log(
             for silo, paths in (silo_keys or {}).items()
         },
         jobs=jobs,
+        progress=progress,
     )
 
 
@@ -700,6 +720,7 @@ def verify_with_keys(
     fail_fast: bool = False,
     silo_keys: Mapping[str, Sequence[ECC.EccKey]] | None = None,
     jobs: int | None = None,
+    progress: Progress | None = None,
 ) -> VerifyReport:
     """:func:`verify_log` with keys already loaded. With ``fail_fast``, stop at the first
     failure: the verdict (``ok``) is the same, the report shorter."""
@@ -717,6 +738,7 @@ def verify_with_keys(
         max_record_bytes=max_record_bytes,
         silo_keys=silo_keys or {},
         jobs=default_jobs() if jobs is None else jobs,
+        progress=progress,
     )
     with contextlib.suppress(_Stop):
         _run(verifier, state_file, full=full)

@@ -517,3 +517,64 @@ def test_worker_processes_find_the_same_failures_in_the_same_order(
     # Workers started by a fork server (what a process running other threads gets).
     monkeypatch.setattr(record_checks, "_one_thread", lambda: False)
     assert run(2) == one
+
+
+def test_progress_is_reported_in_bytes_up_to_the_whole_log(
+    tmp_path: Path, key: LogKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.audit.verify as verify_module
+
+    directory = tmp_path / "log"
+    write_log(directory, key, 40, segment_max_bytes=6500, checkpoint_every_records=5)
+    monkeypatch.setattr(verify_module, "PROGRESS_LINES", 2)
+    calls: list[tuple[int, int]] = []
+    report = verify_with_keys(
+        directory, [key.public_key()], progress=lambda done, total: calls.append((done, total))
+    )
+    assert report.ok, report.render()
+    total = sum(segment.path.stat().st_size for segment in list_segments(directory))
+    assert {t for _, t in calls} == {total}
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and done[-1] == total
+    assert len(calls) > report.segments  # within segments too, not only at their ends
+
+
+def test_the_command_shows_progress_on_a_terminal_only(log_dir: Path, key: LogKey) -> None:
+    """On a terminal (a real pseudo-terminal here) standard error shows a bar while records
+    are read; the report on standard output is the same, and a pipe gets no bar."""
+    import os
+    import pty
+    import subprocess
+    import sys
+    import threading
+
+    command = [sys.executable, "-m", "gateway.cli", "audit", "verify", str(log_dir)]
+    command += ["--key", str(key.public)]
+    leader, follower = pty.openpty()
+    terminal = bytearray()
+
+    def drain() -> None:  # read as the command writes, so that it never blocks on a full terminal
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO: the other end is closed and everything was read
+                return
+            if not data:
+                return
+            terminal.extend(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        shown = subprocess.run(
+            command, stdout=subprocess.PIPE, stderr=follower, timeout=120, check=False
+        )
+    finally:
+        os.close(follower)
+        reader.join(timeout=30)
+        os.close(leader)
+    piped = subprocess.run(command, capture_output=True, timeout=120, check=False)
+    assert shown.returncode == piped.returncode == 0
+    assert shown.stdout == piped.stdout and shown.stdout.startswith(b"OK: 30 records")
+    assert b"verifying records" in terminal
+    assert piped.stderr == b""
