@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -116,6 +117,13 @@ def _add_verify(commands: Subcommands) -> None:
         help="worker processes checking records and receipt signatures (default: one per "
         "CPU; 1 checks in this process); findings are the same for any N",
     )
+    verify.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="the report as text (default) or as one JSON object (verdict, counts, latest "
+        "checkpoint, findings with file, line and sequence number); the exit code is the same",
+    )
     verify.set_defaults(handler=_verify)
 
 
@@ -149,7 +157,10 @@ def _verify(args: argparse.Namespace) -> int:
             jobs=args.jobs,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
-    sys.stdout.write(report.render())
+    if args.format == "json":
+        sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
+    else:
+        sys.stdout.write(report.render())
     return 0 if report.ok else 1
 
 

@@ -43,7 +43,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from Crypto.PublicKey import ECC
@@ -142,6 +142,34 @@ class VerifyReport:
     def warn(self, file: str, line: int | None, seq: int | None, message: str) -> None:
         if len(self.warnings) < self.max_failures:
             self.warnings.append(Finding(file, line, seq, message))
+
+    def to_json(self) -> dict[str, object]:
+        """The report as one JSON object (``verify --format json``), for scripts and monitoring:
+        the verdict, the counts, the latest checkpoint (origin, size, base64 root, its signed
+        note) and every listed finding with its file, line and sequence number."""
+        latest = self.latest
+        return {
+            "ok": self.ok,
+            "directory": str(self.directory),
+            "records": self.records,
+            "segments": self.segments,
+            "checkpoints": self.checkpoints,
+            "latest_checkpoint": None
+            if latest is None
+            else {
+                "origin": latest.origin,
+                "size": latest.size,
+                "root": base64.b64encode(latest.root).decode(),
+                "note": self.latest_note,
+            },
+            "resumed_from": self.resumed_from,
+            "failure_count": self.failure_count,
+            "failures": [asdict(finding) for finding in self.failures],
+            "warnings": [asdict(finding) for finding in self.warnings],
+            "notes": list(self.notes),
+            "receipts_checked": dict(sorted(self.receipts_checked.items())),
+            "receipts_unchecked": dict(sorted(self.receipts_unchecked.items())),
+        }
 
     def render(self) -> str:
         lines = []

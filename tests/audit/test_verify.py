@@ -578,3 +578,25 @@ def test_the_command_shows_progress_on_a_terminal_only(log_dir: Path, key: LogKe
     assert shown.stdout == piped.stdout and shown.stdout.startswith(b"OK: 30 records")
     assert b"verifying records" in terminal
     assert piped.stderr == b""
+
+
+def test_the_json_report_carries_the_verdict_and_every_finding(log_dir: Path, key: LogKey) -> None:
+    code, out = verify(log_dir, key, "--format", "json")
+    good = json.loads(out)
+    assert code == 0 and good["ok"] is True and good["failure_count"] == 0
+    assert good["records"] == 30 and good["latest_checkpoint"]["size"] == 30
+    assert good["latest_checkpoint"]["origin"] == ORIGIN
+    assert good["latest_checkpoint"]["note"] == (log_dir / "checkpoint").read_text()
+
+    path, lines = _segment_lines(log_dir, 1)
+    first = list_segments(log_dir)[1].first
+    lines[2] = b'{"seq": broken\n'
+    path.write_bytes(b"".join(lines))
+    code, out = verify(log_dir, key, "--format", "json")
+    bad = json.loads(out)
+    text_code, text = verify(log_dir, key)
+    assert code == text_code == 1 and bad["ok"] is False
+    assert bad["failure_count"] == len(bad["failures"]) == text.count("\n  ")
+    found = bad["failures"][0]
+    assert (found["file"], found["line"], found["seq"]) == (path.name, 3, first + 2)
+    assert found["message"].startswith("not a record: not JSON")
