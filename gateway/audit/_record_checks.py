@@ -1,12 +1,14 @@
 """The per-record checks of ``silogate audit verify``, in worker processes or in-process.
 
-The verifier's main process reads every line, hashes it into the Merkle tree and checks the
-checkpoints; what needs only the record itself (canonical form, sequence number, kind and time,
-the silo receipts with their Ed25519 signatures) is checked here, a chunk of consecutive lines at
-a time. Hashing and Merkle roots stay in the main process while the workers check records, so
-two cores do nearly twice the work. Results are taken back in log order whatever the number of
-workers: a report names the same failures (file, line, sequence number), in the same order, with
-one worker or many.
+The verifier's main process reads the segments and builds the Merkle tree; what needs only the
+record itself (canonical form, sequence number, kind and time, the silo receipts with their
+Ed25519 signatures) is checked here, a chunk of consecutive lines at a time. A chunk is either a
+block of whole lines as read from the file, which is split and hashed (RFC 6962 leaf hashes) here
+too, so the main process only appends the hashes it gets back, or lines the main process read
+and hashed one by one (around a line it must look at itself: one too long, or cut short). Either
+way the hashes are of exactly the bytes checked. Results are taken back in log order whatever
+the number of workers: the tree grows in log order, and a report names the same failures (file,
+line, sequence number), in the same order, with one worker or many.
 
 This module never reads or writes files and never raises on damaged input: each problem is a
 message for one line.
@@ -15,6 +17,7 @@ message for one line.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import multiprocessing
 import os
 import threading
@@ -30,6 +33,7 @@ from gateway.silo.receipt import ReceiptKeyring, record_shape_problem
 
 CHUNK_LINES = 512
 CHUNK_BYTES = 4 << 20  # and at most this much text (plus one line): records may be large
+BLOCK_BYTES = 1 << 20  # a block of whole lines: what the main process reads at a time
 # Below this many bytes of segments, starting worker processes costs more than they save.
 PARALLEL_FROM_BYTES = 8 << 20
 
@@ -42,6 +46,7 @@ class ChunkResult:
     problems: list[tuple[int, str]] = field(default_factory=list)
     checked: Counter[str] = field(default_factory=Counter)
     unchecked: Counter[str] = field(default_factory=Counter)
+    leaves: bytes = b""  # for a block: the leaf hash of each line, in order, 32 bytes each
 
 
 class ReceiptChecker:
@@ -152,6 +157,17 @@ def check_lines(lines: Sequence[bytes], first: int, checker: ReceiptChecker) -> 
     return result
 
 
+def check_block(block: bytes, first: int, checker: ReceiptChecker) -> ChunkResult:
+    """Check and hash the whole lines of ``block`` (each ends with a newline), the first at
+    leaf index ``first``."""
+    lines = block.split(b"\n")
+    lines.pop()  # after the last newline
+    result = check_lines(lines, first, checker)
+    sha256 = hashlib.sha256
+    result.leaves = b"".join([sha256(b"\x00" + line).digest() for line in lines])
+    return result
+
+
 # -- in worker processes ----------------------------------------------------------------------
 
 # A worker process's receipt checker, built once from the raw keys it was started with.
@@ -165,6 +181,10 @@ def _start_worker(raw_keys: dict[str, tuple[bytes, ...]]) -> None:
 
 def _check_in_worker(lines: list[bytes], first: int) -> ChunkResult:
     return check_lines(lines, first, _IN_WORKER["checker"])
+
+
+def _check_block_in_worker(block: bytes, first: int) -> ChunkResult:
+    return check_block(block, first, _IN_WORKER["checker"])
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
@@ -196,17 +216,27 @@ class _Chunk:
     first: int  # leaf index of the chunk's first line
     lines: list[bytes] = field(default_factory=list)
     size: int = 0  # bytes of text
+    block: bytes | None = None  # whole lines to split and hash (then ``lines`` stays empty)
+    count: int = 0  # lines in ``block``
+
+    def check(self, checker: ReceiptChecker) -> ChunkResult:
+        if self.block is not None:
+            return check_block(self.block, self.first, checker)
+        return check_lines(self.lines, self.first, checker)
 
 
 Report = Callable[[str, int, int, str], None]
+Leaves = Callable[[bytes], None]
 
 
 class RecordChecks:
     """Lines checked chunk by chunk, in ``jobs`` worker processes (in-process with one job);
-    :meth:`settle` reports every problem of the lines added so far, in log order.
+    :meth:`settle` reports every problem of the lines added so far, in log order, and hands the
+    leaf hashes of every block added so far to ``leaves``.
 
     At most ``2 * jobs`` chunks (each of at most ``CHUNK_LINES`` lines and about
-    ``CHUNK_BYTES``) are in flight, so memory stays bounded on any log.
+    ``CHUNK_BYTES``, or a block of about ``BLOCK_BYTES``) are in flight, so memory stays
+    bounded on any log.
     """
 
     def __init__(
@@ -217,10 +247,13 @@ class RecordChecks:
         fail: Report,
         checked: Counter[str],
         unchecked: Counter[str],
+        leaves: Leaves | None = None,
     ) -> None:
         self.keyrings = keyrings
         self.jobs = max(1, jobs)
         self.fail = fail
+        self.leaves = leaves
+        self.queued_leaves = 0  # lines of blocks added whose hashes are not handed over yet
         self.checked, self.unchecked = checked, unchecked
         self._checker = ReceiptChecker(keyrings)
         self._chunk: _Chunk | None = None
@@ -239,6 +272,15 @@ class RecordChecks:
         if len(chunk.lines) >= CHUNK_LINES or chunk.size >= CHUNK_BYTES:
             self._submit(chunk)
             self._chunk = None
+
+    def add_block(self, file: str, line: int, position: int, block: bytes, count: int) -> None:
+        """Queue ``count`` whole lines (``block``, each line ending with a newline) from
+        ``file``:``line``, the first at leaf index ``position``, to be checked and hashed."""
+        if self._chunk is not None:
+            chunk, self._chunk = self._chunk, None
+            self._submit(chunk)
+        self.queued_leaves += count
+        self._submit(_Chunk(file, line, position, block=block, count=count))
 
     def settle(self) -> None:
         """Report the problems of every line added so far (before a finding of the caller's)."""
@@ -268,14 +310,17 @@ class RecordChecks:
                 while len(self._pending) >= 2 * self.jobs:
                     self._take()
                 if self.jobs > 1:
-                    future = self._pool.submit(_check_in_worker, chunk.lines, chunk.first)
+                    if chunk.block is not None:
+                        future = self._pool.submit(_check_block_in_worker, chunk.block, chunk.first)
+                    else:
+                        future = self._pool.submit(_check_in_worker, chunk.lines, chunk.first)
                     self._pending.append((chunk, future))
                     return
             except BrokenProcessPool:
                 self.jobs = 1
         while self._pending:  # earlier chunks first
             self._take()
-        self._report(chunk, check_lines(chunk.lines, chunk.first, self._checker))
+        self._report(chunk, chunk.check(self._checker))
 
     def _take(self) -> None:
         chunk, future = self._pending.popleft()
@@ -284,10 +329,14 @@ class RecordChecks:
         except BrokenProcessPool:
             # A worker died (killed, out of memory): the same checks, here, from now on.
             self.jobs = 1
-            result = check_lines(chunk.lines, chunk.first, self._checker)
+            result = chunk.check(self._checker)
         self._report(chunk, result)
 
     def _report(self, chunk: _Chunk, result: ChunkResult) -> None:
+        if chunk.block is not None:
+            self.queued_leaves -= chunk.count
+            if self.leaves is not None:
+                self.leaves(result.leaves)
         self.checked.update(result.checked)
         self.unchecked.update(result.unchecked)
         for index, message in result.problems:

@@ -114,10 +114,14 @@ class Line(NamedTuple):
     terminated: bool
 
 
-def scan_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[Line]:
-    """Every line of ``path``, reading at most ``max_line_bytes`` + 1 bytes of any one line."""
+def scan_lines(
+    path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, *, offset: int = 0, number: int = 1
+) -> Iterator[Line]:
+    """Every line of ``path``, reading at most ``max_line_bytes`` + 1 bytes of any one line;
+    from byte ``offset`` on, where a line begins, whose number is ``number``."""
     with Path(path).open("rb") as handle:
-        number, offset = 0, 0
+        handle.seek(offset)
+        number -= 1
         while True:
             chunk = handle.readline(max_line_bytes + 1)
             if not chunk:

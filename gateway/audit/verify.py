@@ -20,9 +20,13 @@ Merkle tree, nothing per record otherwise):
   frontier of its tree. A run given such a file starts from that frontier and checks only the
   records after its size (``--full``: all of them again).
 
-Records are hashed into the tree here, in log order; their own checks (canonical form, sequence,
-kind and time, receipts and their signatures) run in worker processes
-(:mod:`gateway.audit._record_checks`), and their findings are taken back in log order.
+Segments are read here in blocks of whole lines; worker processes
+(:mod:`gateway.audit._record_checks`) split each block, hash its lines (RFC 6962 leaves) and
+check each record (canonical form, sequence, kind and time, receipts and their signatures), and
+the hashes and findings are taken back here in log order, the hashes into the tree. From a line
+that needs a look of its own (one above the record limit or longer than a block, or cut short)
+to the end of its segment, and in a resumed segment, lines are read and hashed here one by one
+and only checked in the workers.
 
 A last line without a newline at the end of the newest segment, and records after the latest
 checkpoint, are warnings: a crash leaves exactly that, and nothing in them was ever covered by
@@ -49,7 +53,12 @@ from pathlib import Path
 from Crypto.PublicKey import ECC
 
 from gateway.audit import jcs
-from gateway.audit._record_checks import PARALLEL_FROM_BYTES, RecordChecks, default_jobs
+from gateway.audit._record_checks import (
+    BLOCK_BYTES,
+    PARALLEL_FROM_BYTES,
+    RecordChecks,
+    default_jobs,
+)
 from gateway.audit.checkpoint import (
     MAX_NOTE_BYTES,
     Checkpoint,
@@ -236,6 +245,7 @@ class _Verifier:
             fail=report.fail,
             checked=report.receipts_checked,
             unchecked=report.receipts_unchecked,
+            leaves=self._leaves,
         )
         self.allow_archived = allow_archived
         self.max_record_bytes = max_record_bytes
@@ -361,13 +371,33 @@ class _Verifier:
                 )
                 return
 
+    def _leaves(self, hashes: bytes) -> None:
+        """Append leaf hashes (32 bytes each, in log order) that the record checks computed."""
+        append = self.tree.append
+        for index in range(0, len(hashes), 32):
+            append(hashes[index : index + 32])
+
     def _segment_records(self, segment: Segment, *, last: bool, skip: int = 0) -> bool:
         """Hash every line of ``segment`` (but the first ``skip``, verified before) into the
         tree and queue its record checks; a finding of this loop first settles the checks of
-        the lines before it (log order)."""
-        report, tree, checks, progress = self.report, self.tree, self.checks, self.progress
+        the lines before it (log order).
+
+        Blocks of whole lines go to the record checks as read, which hash them too; from the
+        first line that needs a look of its own (too long, or cut short at the end), and in a
+        resumed segment, lines are read and hashed here one by one."""
+        report, checks, progress = self.report, self.checks, self.progress
+        offset, number = 0, 1
         try:
-            lines = scan_lines(segment.path, self.max_record_bytes)
+            if not skip:
+                taken_over = self._blocks(segment)
+                if taken_over is None:
+                    checks.settle()
+                    self._segment_read(segment)
+                    return True
+                offset, number = taken_over
+            checks.settle()  # the tree holds every line before ``offset``
+            tree = self.tree
+            lines = scan_lines(segment.path, self.max_record_bytes, offset=offset, number=number)
             if skip and not self._skip(segment, lines, skip):
                 return False
             for line in lines:
@@ -406,11 +436,47 @@ class _Verifier:
             report.fail(segment.name, None, None, f"unreadable: {err.strerror}")
             return False
         checks.settle()
-        if progress is not None:
+        self._segment_read(segment)
+        return True
+
+    def _blocks(self, segment: Segment) -> tuple[int, int] | None:
+        """Queue ``segment``'s lines in blocks of whole lines (about ``BLOCK_BYTES`` each);
+        None once every line went so, otherwise the byte offset and number of the first line
+        left to the line-by-line reading (a line above the record limit or longer than a block,
+        or a last line without a newline), which comes after everything queued."""
+        report, checks, progress = self.report, self.checks, self.progress
+        limit = self.max_record_bytes
+        offset, number = 0, 1  # of the first line not queued yet
+        carried = b""  # its bytes read so far
+        with segment.path.open("rb") as handle:
+            while True:
+                data = handle.read(BLOCK_BYTES)
+                if not data:
+                    return (offset, number) if carried else None
+                if carried:
+                    data = carried + data
+                end = data.rfind(b"\n") + 1
+                if end == 0:  # a line longer than a block, or cut short: one by one from here
+                    return offset, number
+                block, carried = data[:end], data[end:]
+                if len(block) > limit + 1 and max(map(len, block.split(b"\n"))) > limit:
+                    return offset, number
+                if len(carried) > limit:
+                    return offset, number  # never mind the lines before it: read them one by one
+                count = block.count(b"\n")
+                position = self.tree.size + checks.queued_leaves
+                report.records += count  # read (a failure found in them may stop the run)
+                checks.add_block(segment.name, number, position, block, count)
+                offset += end
+                number += count
+                if progress is not None:
+                    progress(self.bytes_done + offset, self.bytes_total)
+
+    def _segment_read(self, segment: Segment) -> None:
+        if self.progress is not None:
             with contextlib.suppress(OSError):
                 self.bytes_done += segment.path.stat().st_size
-            progress(min(self.bytes_done, self.bytes_total), self.bytes_total)
-        return True
+            self.progress(min(self.bytes_done, self.bytes_total), self.bytes_total)
 
     def _skip(self, segment: Segment, lines: Iterator[Line], count: int) -> bool:
         """Pass over the ``count`` whole lines a resumed run does not check again."""

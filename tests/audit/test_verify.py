@@ -600,3 +600,51 @@ def test_the_json_report_carries_the_verdict_and_every_finding(log_dir: Path, ke
     found = bad["failures"][0]
     assert (found["file"], found["line"], found["seq"]) == (path.name, 3, first + 2)
     assert found["message"].startswith("not a record: not JSON")
+
+
+@pytest.mark.parametrize("block_bytes", [1, 700, 2500, 1 << 20])
+@pytest.mark.parametrize("damage", ["not canonical, torn tail", "a line too long"])
+def test_blocks_of_any_size_give_the_report_of_the_line_by_line_reading(
+    tmp_path: Path, key: LogKey, monkeypatch: pytest.MonkeyPatch, block_bytes: int, damage: str
+) -> None:
+    """The main process reads segments in blocks of whole lines that the record checks split
+    and hash; lines that need a look of their own (too long, cut short) are read one by one.
+    Whatever the block size (lines across blocks, one line per block, one block per segment),
+    with workers or without, the report is the one of reading every line on its own."""
+    import gateway.audit._record_checks as record_checks
+    import gateway.audit.verify as verify_module
+
+    directory = tmp_path / "log"
+    write_log(directory, key, 40, segment_max_bytes=9000, checkpoint_every_records=5)
+    path, lines = _segment_lines(directory, 1)
+    first = list_segments(directory)[1].first
+    if damage == "a line too long":
+        lines[3] = b"x" * 3000 + b"\n"  # above the limit below: read one by one from there
+        expected = [f"(seq {first + 3}): a line of 3000 bytes, above the record limit 2900"]
+    else:
+        lines[1] = lines[1].replace(b'"consumer":', b'"consumer" :')
+        last, tail = _segment_lines(directory, -1)
+        last.write_bytes(b"".join(tail) + b'{"seq":')
+        expected = [
+            f"(seq {first + 1}): not a record: not in canonical form",
+            "a record cut short (7 bytes, no newline)",
+        ]
+    path.write_bytes(b"".join(lines))
+
+    def run(jobs: int) -> str:
+        return verify_with_keys(
+            directory, [key.public_key()], jobs=jobs, max_record_bytes=2900
+        ).render()
+
+    monkeypatch.setattr(record_checks, "CHUNK_LINES", 3)
+    monkeypatch.setattr(verify_module, "PARALLEL_FROM_BYTES", 0)
+    with monkeypatch.context() as line_by_line:  # every line read and hashed on its own
+        line_by_line.setattr(verify_module._Verifier, "_blocks", lambda self, segment: (0, 1))
+        alone = run(1)
+        assert run(2) == alone
+    for finding in expected:
+        assert finding in alone, alone
+
+    monkeypatch.setattr(verify_module, "BLOCK_BYTES", block_bytes)
+    assert run(1) == alone
+    assert run(2) == alone
