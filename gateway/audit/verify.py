@@ -105,8 +105,8 @@ class Finding:
         return f"{where}: {self.message}"
 
 
-# Called with (bytes read, bytes to read) of the segments checked, every PROGRESS_LINES lines and
-# after each segment.
+# Called with (bytes read, bytes to read) of the segments checked: after each block of lines,
+# every PROGRESS_LINES lines read one by one, and after each segment.
 Progress = Callable[[int, int], None]
 PROGRESS_LINES = 4096
 

@@ -298,10 +298,10 @@ class _PrimeOrderKey:
     verified with ed25519-dalek's ``verify_strict`` (through solders): 25-30% faster than
     libsodium here, which matters to ``audit verify`` (one receipt or more per released query).
 
-    For such keys the two accept exactly the same signatures (``tests/silo/test_receipts.py``
-    compares them): S must be canonical, R must not be of small order, and the recomputed R
-    must equal R byte for byte (the cofactorless RFC 8032 equation, so a non-canonical or
-    mixed-order R fails)."""
+    For such keys the two accept exactly the same signatures
+    (``tests/silo/test_receipt_verifiers.py`` compares them): S must be canonical, R must not
+    be of small order, and the recomputed R must equal R byte for byte (the cofactorless RFC
+    8032 equation, so a non-canonical or mixed-order R fails)."""
 
     __slots__ = ("_key",)
 
@@ -406,7 +406,7 @@ def record_shape_problem(record: object) -> str | None:
         return f"the receipt has unknown field(s) {', '.join(sorted(fields - _KNOWN_FIELDS)[:5])}"
     for name in _TEXT_FIELDS:
         value = record.get(name, "")
-        if type(value) is not str and not isinstance(value, str):
+        if not isinstance(value, str):
             return f"the receipt's {name} is not text"
     if "key_delta" in record and not record["key_delta"]:
         return "the receipt's key_delta is empty (a receipt without one leaves it out)"
