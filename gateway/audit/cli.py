@@ -155,7 +155,9 @@ def _verify(args: argparse.Namespace) -> int:
             max_failures=args.max_failures,
             silo_keys=_silo_keys(args.silo_key),
             jobs=args.jobs,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
+            progress=lambda done, total: progress.update(
+                task, completed=done, total=total, refresh=True
+            ),
         )
     if args.format == "json":
         sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
@@ -166,7 +168,9 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _verify_progress(*, enabled: bool) -> Progress:
     """A bar on standard error while the records are read (a terminal only: logs and pipes
-    get the report alone), gone once the report is written."""
+    get the report alone), gone once the report is written. It is redrawn as the verifier
+    reports, not by a thread of its own, so that worker processes can still be forked from
+    this single-threaded process (see ``gateway.audit._record_checks``)."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -184,6 +188,7 @@ def _verify_progress(*, enabled: bool) -> Progress:
         TransferSpeedColumn(),
         TimeRemainingColumn(),
         console=Console(stderr=True),
+        auto_refresh=False,
         transient=True,
         disable=not enabled,
     )

@@ -648,3 +648,17 @@ def test_blocks_of_any_size_give_the_report_of_the_line_by_line_reading(
     monkeypatch.setattr(verify_module, "BLOCK_BYTES", block_bytes)
     assert run(1) == alone
     assert run(2) == alone
+
+
+def test_the_progress_bar_starts_no_thread() -> None:
+    """Worker processes are forked only from a single-threaded process (otherwise a fork
+    server starts them, more slowly): the bar is redrawn by the verifier's calls instead."""
+    import threading
+
+    from gateway.audit.cli import _verify_progress
+
+    threads = threading.active_count()
+    with _verify_progress(enabled=True) as progress:
+        task = progress.add_task("verifying records", total=100)
+        progress.update(task, completed=50, refresh=True)
+        assert threading.active_count() == threads
