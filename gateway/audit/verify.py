@@ -383,8 +383,9 @@ class _Verifier:
         the lines before it (log order).
 
         Blocks of whole lines go to the record checks as read, which hash them too; from the
-        first line that needs a look of its own (too long, or cut short at the end), and in a
-        resumed segment, lines are read and hashed here one by one."""
+        first line that needs a look of its own (above the record limit or longer than a block,
+        or cut short at the end), and in a resumed segment, lines are read and hashed here one
+        by one."""
         report, checks, progress = self.report, self.checks, self.progress
         offset, number = 0, 1
         try:
