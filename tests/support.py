@@ -131,14 +131,23 @@ def wait_until(condition: Callable[[], T], timeout: float = 15.0, interval: floa
         time.sleep(interval)
 
 
+def _save(path: Path, yaml: YAML, document: Any) -> None:
+    """Write ``document`` to ``path`` as editors save: a new file renamed into place. A watcher
+    never sees it half-written (an unsigned bundle cut short can still be valid, and a loaded
+    CI machine can pause a writer for longer than the tests' reload interval)."""
+    temporary = path.with_name(f".{path.name}.saving")  # hidden: not part of the bundle
+    with temporary.open("w", encoding="utf-8") as handle:
+        yaml.dump(document, handle)
+    temporary.replace(path)
+
+
 def edit_rule(bundle: Path, rule: str, **values: str) -> None:
     """Change fields of one rule in ``bundle/rules.yaml``, keeping the rest as written."""
     yaml = YAML()
     path = bundle / "rules.yaml"
     document = yaml.load(path.read_text(encoding="utf-8"))
     document["rules"][rule].update(values)
-    with path.open("w", encoding="utf-8") as handle:
-        yaml.dump(document, handle)
+    _save(path, yaml, document)
 
 
 def set_silo_budget(bundle: Path, dataset: str, budget: dict[str, str]) -> None:
@@ -147,5 +156,4 @@ def set_silo_budget(bundle: Path, dataset: str, budget: dict[str, str]) -> None:
     path = bundle / "datasets.yaml"
     document = yaml.load(path.read_text(encoding="utf-8"))
     document["datasets"][dataset]["silo_budget"] = budget
-    with path.open("w", encoding="utf-8") as handle:
-        yaml.dump(document, handle)
+    _save(path, yaml, document)
