@@ -133,8 +133,9 @@ def wait_until(condition: Callable[[], T], timeout: float = 15.0, interval: floa
 
 def _save(path: Path, yaml: YAML, document: Any) -> None:
     """Write ``document`` to ``path`` as editors save: a new file renamed into place. A watcher
-    never sees it half-written (an unsigned bundle cut short can still be valid, and a loaded
-    CI machine can pause a writer for longer than the tests' reload interval)."""
+    never sees it empty or half-written: an unsigned bundle with an empty ``rules.yaml`` is
+    valid, and a loaded CI machine once paused an in-place writer between truncating and
+    writing for longer than the tests' reload interval, so the silo activated that bundle."""
     temporary = path.with_name(f".{path.name}.saving")  # hidden: not part of the bundle
     with temporary.open("w", encoding="utf-8") as handle:
         yaml.dump(document, handle)
